@@ -1,0 +1,193 @@
+"""Layer kernels: one quantized layer -> Quarry instructions + the memory rows it needs.
+
+These are the building blocks of lowering (``compiler.lower``) and of the ISA-level tests. Each
+emitter takes integer tensors that are already quantized and placed in memory, and returns a
+:class:`Kernel`: instructions plus weight-memory rows and param rows to place at the bases given.
+
+Spad tensor layout: a (C, H, W) tensor at ``base`` is ``ceil(C / rows)`` channel blocks; block
+``b`` holds channels ``b*rows .. b*rows + rows - 1`` in its lanes, pixel (h, w) at row
+``base + b*H*W + h*W + w``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hw import isa
+from hw.config import AccelConfig
+from hw.isa import PoolMode
+
+__all__ = ["SpadTensor", "Requant", "Kernel", "conv2d", "pool2d", "KernelError"]
+
+
+class KernelError(ValueError):
+    """A layer cannot be expressed with this config (too large a field, memory too small, ...)."""
+
+
+@dataclass(frozen=True)
+class SpadTensor:
+    base: int
+    c: int
+    h: int
+    w: int
+    signed: bool = False
+
+    def blocks(self, cfg: AccelConfig) -> int:
+        return -(-self.c // cfg.rows)
+
+    def block_base(self, cfg: AccelConfig, b: int) -> int:
+        return self.base + b * self.h * self.w
+
+    def rows(self, cfg: AccelConfig) -> int:
+        return self.blocks(cfg) * self.h * self.w
+
+
+@dataclass
+class Requant:
+    """Per-output-channel requantization (see ``sim.golden.requantize``)."""
+
+    bias: np.ndarray
+    mult: np.ndarray
+    shift: np.ndarray
+    zp: int
+    lo: int
+    hi: int
+    res_mult: np.ndarray | None = None
+
+
+@dataclass
+class Kernel:
+    instrs: list = field(default_factory=list)
+    wmem: np.ndarray | None = None  # (n, cols) signed weights, placed at w_base
+    params: dict | None = None  # {bias, mult, res_mult, shift}: (n, cols), placed at param_base
+    macs: int = 0
+
+
+def _param_rows(cfg: AccelConfig, rq: Requant, cout: int) -> dict:
+    nb = -(-cout // cfg.cols)
+    out = {}
+    for k in ("bias", "mult", "res_mult", "shift"):
+        v = getattr(rq, k)
+        v = np.zeros(cout, np.int64) if v is None else np.broadcast_to(np.asarray(v, np.int64), (cout,))
+        pad = np.zeros(nb * cfg.cols, np.int64)
+        pad[:cout] = v
+        out[k] = pad.reshape(nb, cfg.cols)
+    return out
+
+
+def _post_segments(cfg: AccelConfig, j: int, cout: int):
+    """Split output block j (channels j*cols ..) into (src_lane, spad block, dst_lane, n) pieces."""
+    lo, hi = j * cfg.cols, min((j + 1) * cfg.cols, cout)
+    ch = lo
+    while ch < hi:
+        b = ch // cfg.rows
+        end = min(hi, (b + 1) * cfg.rows)
+        yield ch - lo, b, ch - b * cfg.rows, end - ch
+        ch = end
+
+
+def conv2d(cfg: AccelConfig, x: SpadTensor, y: SpadTensor, w: np.ndarray, rq: Requant, *,
+           stride=(1, 1), padding=(0, 0), groups: int = 1, w_base: int = 0, param_base: int = 0,
+           acc_base: int = 0, acc_rows: int | None = None, residual: SpadTensor | None = None) -> Kernel:
+    """Convolution (and, with a 1x1 kernel on a 1xM image, a GEMM) into ``y``.
+
+    ``w`` has shape (Cout, Cin/groups, kh, kw), signed integers of ``cfg.w_bits``. For each
+    output-channel block, every (tap, input-channel block) weight tile that is not all zero is
+    preloaded (alternating banks so loads overlap the previous tile's streaming) and streamed
+    over the output pixels, accumulating in acc; then POST writes the block to ``y``.
+    """
+    R, C = cfg.rows, cfg.cols
+    w = np.asarray(w, np.int64)
+    cout, cin_g, kh, kw = w.shape
+    sh, sw = stride
+    ph, pw = padding
+    if x.c != cin_g * groups or cout % groups or y.c != cout:
+        raise KernelError(f"conv shapes disagree: x has {x.c} channels, w {w.shape}, groups {groups}, y {y.c}")
+    oh = (x.h + 2 * ph - kh) // sh + 1
+    ow = (x.w + 2 * pw - kw) // sw + 1
+    if (oh, ow) != (y.h, y.w):
+        raise KernelError(f"conv output is {oh}x{ow}, y is {y.h}x{y.w}")
+    # Dense (Cout, Cin, kh, kw) weights, zero outside each output channel's group.
+    dense = np.zeros((cout, x.c, kh, kw), np.int64)
+    per_g = cout // groups
+    for g in range(groups):
+        dense[g * per_g:(g + 1) * per_g, g * cin_g:(g + 1) * cin_g] = w[g * per_g:(g + 1) * per_g]
+    acc_rows = cfg.acc_depth - acc_base if acc_rows is None else acc_rows
+    if ow > acc_rows:
+        raise KernelError(f"one output row ({ow} pixels) does not fit the {acc_rows} acc rows available")
+    rows_per_chunk = min(oh, acc_rows // ow)
+    k = Kernel(params=_param_rows(cfg, rq, cout))
+    wrows = []
+    wcount = 0
+    tile = 0
+    for j in range(-(-cout // C)):
+        tiles = []
+        for dy in range(kh):
+            for dx in range(kw):
+                for cb in range(x.blocks(cfg)):
+                    blk = dense[j * C:(j + 1) * C, cb * R:(cb + 1) * R, dy, dx]  # (<=C, <=R)
+                    if not blk.any():
+                        continue
+                    rows = np.zeros((blk.shape[1], C), np.int64)
+                    rows[:, :blk.shape[0]] = blk.T
+                    tiles.append((dy, dx, cb, wcount, rows))
+                    wrows.append(rows)
+                    wcount += len(rows)
+        if not tiles:  # an all-zero block still needs its acc rows cleared
+            tiles.append((0, 0, 0, wcount, np.zeros((0, C), np.int64)))
+        for r0 in range(0, oh, rows_per_chunk):
+            r1 = min(oh, r0 + rows_per_chunk)
+            top = r0 * sh - ph  # input row of window tap 0 for output row r0
+            skip = max(0, top)
+            for t, (dy, dx, cb, woff, rows) in enumerate(tiles):
+                bank = tile % 2
+                tile += 1
+                k.instrs.append(isa.preload(bank=bank, w_addr=w_base + woff, n_rows=len(rows)))
+                k.instrs.append(isa.matmul(
+                    bank=bank, accumulate=t > 0, a_signed=x.signed,
+                    spad_base=x.block_base(cfg, cb) + skip * x.w, in_h=x.h - skip, in_w=x.w,
+                    out_h=r1 - r0, out_w=ow, stride_h=sh, stride_w=sw,
+                    off_h=top - skip + dy, off_w=dx - pw, acc_base=acc_base))
+            for src, b, dst, n in _post_segments(cfg, j, cout):
+                k.instrs.append(isa.post(
+                    acc_base=acc_base, spad_base=y.block_base(cfg, b) + r0 * ow, n=(r1 - r0) * ow,
+                    param_addr=param_base + j, src_lane=src, dst_lane=dst, n_lanes=n,
+                    zp=rq.zp, lo=rq.lo, hi=rq.hi,
+                    res_base=None if residual is None else residual.block_base(cfg, b) + r0 * ow,
+                    res_signed=bool(residual is not None and residual.signed)))
+    k.wmem = np.concatenate(wrows) if wrows else np.zeros((0, C), np.int64)
+    k.macs = oh * ow * cout * cin_g * kh * kw
+    return k
+
+
+def avg_pool_mult(cfg: AccelConfig, count: int) -> tuple[int, int]:
+    """(mult, shift) with mult / 2**shift ~= 1 / count, mult within ``pool_mult_bits``."""
+    shift = min((1 << isa.POOL_SHIFT_BITS) - 1, cfg.pool_mult_bits - 1 + int(math.floor(math.log2(count))))
+    mult = round((1 << shift) / count)
+    while mult >= (1 << cfg.pool_mult_bits):
+        shift -= 1
+        mult = round((1 << shift) / count)
+    return mult, shift
+
+
+def pool2d(cfg: AccelConfig, x: SpadTensor, y: SpadTensor, mode: PoolMode, kernel, *, stride=None,
+           padding=(0, 0)) -> Kernel:
+    """Max or average pooling (average counts padding as zeros, like PyTorch's default)."""
+    kh, kw = kernel
+    sh, sw = stride or kernel
+    ph, pw = padding
+    oh = (x.h + 2 * ph - kh) // sh + 1
+    ow = (x.w + 2 * pw - kw) // sw + 1
+    if (oh, ow) != (y.h, y.w) or x.c != y.c:
+        raise KernelError(f"pool output is {x.c}x{oh}x{ow}, y is {y.c}x{y.h}x{y.w}")
+    mult, shift = avg_pool_mult(cfg, kh * kw) if mode is PoolMode.AVG else (0, 0)
+    k = Kernel()
+    for b in range(x.blocks(cfg)):
+        k.instrs.append(isa.pool(
+            mode=mode, a_signed=x.signed, src_base=x.block_base(cfg, b), dst_base=y.block_base(cfg, b),
+            in_h=x.h, in_w=x.w, out_h=oh, out_w=ow, k_h=kh, k_w=kw, stride_h=sh, stride_w=sw,
+            off_h=-ph, off_w=-pw, mult=mult, shift=shift))
+    return k

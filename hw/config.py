@@ -1,0 +1,243 @@
+"""Accelerator configuration: the one place where array shape, widths and depths are defined.
+
+Everything else (ISA layouts, RTL, golden model, compiler) derives its widths from an
+:class:`AccelConfig`. Variants are made with :func:`dataclasses.replace` on a validated default,
+Gemmini-style; ``__post_init__`` checks every field and names the field in its message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+
+__all__ = ["AccelConfig", "ConfigError", "PE_KINDS"]
+
+#: PE kinds. ``int``: signed integer multiply. ``pot``: power-of-two weights (shift, no multiplier).
+#: ``hybrid``: both, selected per instruction. Only ``int`` has RTL so far.
+PE_KINDS = ("int", "pot", "hybrid")
+
+_MAX_DIM = 32
+_MIN_BITS, _MAX_BITS = 2, 8
+_MAX_DEPTH = 1 << 20
+
+
+class ConfigError(ValueError):
+    """An :class:`AccelConfig` field (or a string to parse into one) is invalid.
+
+    ``field`` names the offending field.
+    """
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def _clog2(n: int) -> int:
+    return max(1, math.ceil(math.log2(n))) if n > 1 else 1
+
+
+@dataclass(frozen=True)
+class AccelConfig:
+    """Parameters of one generated accelerator.
+
+    The systolic array is ``rows`` x ``cols``: ``rows`` is the reduction dimension (one input
+    channel per row), ``cols`` the output-channel dimension. Activation scratchpad rows hold
+    ``rows`` activations; accumulator and weight-memory rows hold ``cols`` lanes.
+    """
+
+    rows: int = 16
+    cols: int = 16
+    w_bits: int = 8
+    a_bits: int = 8
+    pe_kind: str = "int"
+    #: Activation scratchpad depth, in rows of ``rows`` activations.
+    spad_depth: int = 4096
+    #: Accumulator memory depth, in rows of ``cols`` accumulators.
+    acc_depth: int = 1024
+    #: Weight memory depth, in rows of ``cols`` weights (one row per reduction index).
+    wmem_depth: int = 4096
+    #: Instruction memory depth, in instructions.
+    imem_depth: int = 1024
+    #: Requantization parameter memory depth, in rows of ``cols`` channel parameters.
+    param_depth: int = 64
+    #: Accumulator width override; ``None`` derives it (see :attr:`acc_width`).
+    acc_bits: int | None = None
+    #: Width of the unsigned fixed-point requantization multiplier M0.
+    mult_bits: int = 24
+    #: Width of the requantization right shift.
+    shift_bits: int = 6
+    #: Width of the average-pooling multiplier immediate.
+    pool_mult_bits: int = 16
+    #: Width of tensor height/width fields in instructions (max dimension 2**dim_bits - 1).
+    dim_bits: int = 10
+
+    def __post_init__(self):
+        def check_int(name, lo, hi):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+                raise ConfigError(name, f"{name} must be an integer in {lo}..{hi}, not {v!r}")
+
+        check_int("rows", 1, _MAX_DIM)
+        check_int("cols", 1, _MAX_DIM)
+        check_int("w_bits", _MIN_BITS, _MAX_BITS)
+        check_int("a_bits", _MIN_BITS, _MAX_BITS)
+        if self.pe_kind not in PE_KINDS:
+            raise ConfigError("pe_kind", f"pe_kind must be one of {', '.join(PE_KINDS)}, not {self.pe_kind!r}")
+        for name in ("spad_depth", "acc_depth", "wmem_depth", "imem_depth", "param_depth"):
+            check_int(name, 2, _MAX_DEPTH)
+        check_int("mult_bits", 8, 32)
+        check_int("shift_bits", 4, 6)
+        check_int("pool_mult_bits", 4, 16)
+        check_int("dim_bits", 4, 12)
+        lo = self.w_bits + self.a_bits + 1
+        if self.acc_bits is not None:
+            check_int("acc_bits", lo, 48)
+        if self.acc_width + self.mult_bits > 60:
+            # The post-processing product (acc + bias) * M0 + residual must fit in 63 bits so the
+            # golden model stays in int64 and the RTL datapath stays bounded.
+            raise ConfigError(
+                "mult_bits",
+                f"acc width ({self.acc_width}) + mult_bits ({self.mult_bits}) must be <= 60",
+            )
+
+    # -- derived widths -------------------------------------------------------------------------
+
+    @property
+    def acc_width(self) -> int:
+        """Accumulator width.
+
+        A signed ``w_bits`` weight times an unsigned ``a_bits`` activation needs
+        ``w_bits + a_bits`` bits; the largest reduction the weight memory can hold is
+        ``wmem_depth`` terms (one weight row per reduction index), adding ``ceil(log2)`` bits.
+        """
+        if self.acc_bits is not None:
+            return self.acc_bits
+        return self.w_bits + self.a_bits + _clog2(self.wmem_depth)
+
+    @property
+    def act_ext_bits(self) -> int:
+        """Width of an activation once sign- or zero-extended for the PE (``a_bits + 1``)."""
+        return self.a_bits + 1
+
+    @property
+    def bias_bits(self) -> int:
+        return self.acc_width
+
+    @property
+    def spad_addr_bits(self) -> int:
+        return _clog2(self.spad_depth)
+
+    @property
+    def acc_addr_bits(self) -> int:
+        return _clog2(self.acc_depth)
+
+    @property
+    def wmem_addr_bits(self) -> int:
+        return _clog2(self.wmem_depth)
+
+    @property
+    def imem_addr_bits(self) -> int:
+        return _clog2(self.imem_depth)
+
+    @property
+    def param_addr_bits(self) -> int:
+        return _clog2(self.param_depth)
+
+    @property
+    def lane_bits(self) -> int:
+        """Width of a lane index/count field (counts up to ``max(rows, cols)`` inclusive)."""
+        return _clog2(max(self.rows, self.cols) + 1)
+
+    @property
+    def row_count_bits(self) -> int:
+        """Width of a weight-row count (1..rows)."""
+        return _clog2(self.rows + 1)
+
+    @property
+    def spad_row_bits(self) -> int:
+        return self.rows * self.a_bits
+
+    @property
+    def acc_row_bits(self) -> int:
+        return self.cols * self.acc_width
+
+    @property
+    def wmem_row_bits(self) -> int:
+        return self.cols * self.w_bits
+
+    @property
+    def param_lane_bits(self) -> int:
+        """Bits of one channel's requantization parameters (bias, mult, res_mult, shift)."""
+        return self.bias_bits + 2 * self.mult_bits + self.shift_bits
+
+    @property
+    def param_row_bits(self) -> int:
+        return self.cols * self.param_lane_bits
+
+    @property
+    def pe_count(self) -> int:
+        return self.rows * self.cols
+
+    def memory_bits(self) -> dict[str, int]:
+        """Size of each on-chip memory in bits."""
+        from . import isa  # local import: isa depends on config
+
+        return {
+            "spad": self.spad_depth * self.spad_row_bits,
+            "acc": self.acc_depth * self.acc_row_bits,
+            "wmem": self.wmem_depth * self.wmem_row_bits,
+            "imem": self.imem_depth * isa.instr_bits(self),
+            "param": self.param_depth * self.param_row_bits,
+        }
+
+    # -- serialisation --------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AccelConfig":
+        if not isinstance(d, dict):
+            raise ConfigError("config", f"config must be a JSON object, not {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(unknown[0], f"unknown config field {unknown[0]!r}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "AccelConfig":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError("config", f"config is not valid JSON: {e}") from None
+        return cls.from_dict(d)
+
+    @property
+    def hash(self) -> str:
+        """Stable 16-hex-digit hash of every field; programs carry it to refuse a foreign config."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+    @staticmethod
+    def parse_pe(text: str) -> tuple[int, int]:
+        """Parse ``"RxC"`` (e.g. ``"16x16"``, ``"8x4"``) into ``(rows, cols)``."""
+        m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
+        if not m:
+            raise ConfigError("pe", f"pe must look like ROWSxCOLS (e.g. 16x16), not {text!r}")
+        r, c = int(m.group(1)), int(m.group(2))
+        for name, v in (("rows", r), ("cols", c)):
+            if not 1 <= v <= _MAX_DIM:
+                raise ConfigError(name, f"{name} must be an integer in 1..{_MAX_DIM}, not {v!r} (from pe {text!r})")
+        return r, c
+
+    def describe(self) -> str:
+        return (f"{self.rows}x{self.cols} {self.pe_kind} W{self.w_bits}A{self.a_bits} "
+                f"acc{self.acc_width} spad{self.spad_depth} accmem{self.acc_depth} "
+                f"wmem{self.wmem_depth} imem{self.imem_depth}")

@@ -1,0 +1,392 @@
+"""The Quarry instruction set, defined once.
+
+Opcodes are an :class:`amaranth.lib.enum.Enum`; every instruction format is an
+:class:`amaranth.lib.data.StructLayout` computed from an :class:`~hw.config.AccelConfig`.
+The RTL decodes with these layouts, and host code encodes/decodes with the very same layouts
+(``layout.const(...).as_bits()`` / ``layout.from_bits(...)``): nothing packs bits by hand.
+
+Machine model (see ``docs/ISA.md``, generated from this file):
+
+* **spad** — activation scratchpad, ``spad_depth`` rows of ``rows`` activations (raw ``a_bits``
+  patterns; each instruction that reads them says whether they are signed). A tensor of shape
+  (C, H, W) is stored as ``ceil(C / rows)`` channel blocks, each ``H*W`` consecutive rows.
+* **wmem** — weight memory, rows of ``cols`` signed weights; row ``k`` holds the weights of
+  reduction index ``k`` for ``cols`` output channels.
+* **acc** — accumulator memory, rows of ``cols`` signed ``acc_width`` accumulators.
+* **param** — per-channel requantization parameters, rows of ``cols`` lanes.
+* two weight banks in the array (double buffering): ``PRELOAD`` fills one while ``MATMUL`` uses
+  the other.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from amaranth.hdl import signed, unsigned
+from amaranth.lib import data, enum
+
+from .config import AccelConfig
+
+__all__ = [
+    "Opcode", "PoolMode", "IsaError", "Instr", "FIELDS", "instr_layout", "args_layout", "instr_bits",
+    "wmem_row_layout", "spad_row_layout", "acc_row_layout", "param_lane_layout", "param_row_layout",
+    "HostMem", "host_row_bits", "host_depths", "host_data_bits", "host_addr_bits",
+    "encode", "decode", "OPCODE_BITS", "STRIDE_BITS", "OFFSET_BITS", "KERNEL_BITS", "POOL_SHIFT_BITS",
+]
+
+OPCODE_BITS = 4
+#: Convolution/pooling strides 1..7.
+STRIDE_BITS = 3
+#: Signed window offsets (kernel tap minus padding), -32..31.
+OFFSET_BITS = 6
+#: Pooling window 1..31 per side.
+KERNEL_BITS = 5
+#: Average-pooling right shift 0..31.
+POOL_SHIFT_BITS = 5
+
+
+class Opcode(enum.Enum, shape=OPCODE_BITS):
+    """Instruction opcodes."""
+
+    #: Do nothing.
+    NOP = 0
+    #: Wait until every engine is idle, then stop; the cycle counter freezes.
+    HALT = 1
+    #: Barrier: wait until every engine is idle.
+    SYNC = 2
+    #: Load ``n_rows`` weight rows from wmem into a weight bank of the array (rest zero).
+    PRELOAD = 3
+    #: Stream activation vectors through the array (2-D strided window with zero padding) into acc.
+    MATMUL = 4
+    #: Post-process acc rows: bias, requantize, (+residual), zero point, clamp; write spad lanes.
+    POST = 5
+    #: Max or average pooling, spad to spad, 2-D window with padding.
+    POOL = 6
+
+
+class PoolMode(enum.Enum, shape=1):
+    MAX = 0
+    AVG = 1
+
+
+class IsaError(ValueError):
+    """An instruction field value is out of range, or a word does not decode."""
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    width: object  # int or callable(cfg) -> int
+    signed: bool
+    doc: str
+
+    def shape(self, cfg: AccelConfig):
+        w = self.width(cfg) if callable(self.width) else self.width
+        return signed(w) if self.signed else unsigned(w)
+
+
+def _f(name, width, doc, signed=False):
+    return Field(name, width, signed, doc)
+
+
+_dim = lambda c: c.dim_bits  # noqa: E731
+
+#: Per-opcode argument fields, in layout order (LSB first). The single definition of the ISA.
+FIELDS: dict[Opcode, tuple[Field, ...]] = {
+    Opcode.NOP: (),
+    Opcode.HALT: (),
+    Opcode.SYNC: (),
+    Opcode.PRELOAD: (
+        _f("bank", 1, "weight bank to fill"),
+        _f("w_addr", lambda c: c.wmem_addr_bits, "first wmem row"),
+        _f("n_rows", lambda c: c.row_count_bits, "rows to load (0..rows); bank rows >= n_rows become 0"),
+    ),
+    Opcode.MATMUL: (
+        _f("bank", 1, "weight bank to multiply with"),
+        _f("accumulate", 1, "1: acc += product; 0: acc = product"),
+        _f("a_signed", 1, "activations are signed a_bits (else unsigned)"),
+        _f("spad_base", lambda c: c.spad_addr_bits, "spad row of input pixel (0, 0)"),
+        _f("in_h", _dim, "input height (rows outside 0..in_h-1 read as zero)"),
+        _f("in_w", _dim, "input width, also the row pitch"),
+        _f("out_h", _dim, "output height"),
+        _f("out_w", _dim, "output width; out_h*out_w vectors are streamed"),
+        _f("stride_h", STRIDE_BITS, "vertical stride"),
+        _f("stride_w", STRIDE_BITS, "horizontal stride"),
+        _f("off_h", OFFSET_BITS, "input row of output row 0 (kernel tap minus padding)", signed=True),
+        _f("off_w", OFFSET_BITS, "input column of output column 0", signed=True),
+        _f("acc_base", lambda c: c.acc_addr_bits, "acc row of output pixel (0, 0); rows are consecutive"),
+    ),
+    Opcode.POST: (
+        _f("acc_base", lambda c: c.acc_addr_bits, "first acc row"),
+        _f("spad_base", lambda c: c.spad_addr_bits, "first spad row written"),
+        _f("n", lambda c: c.acc_addr_bits + 1, "rows to process"),
+        _f("param_addr", lambda c: c.param_addr_bits, "param row (per-lane bias, mult, res_mult, shift)"),
+        _f("src_lane", lambda c: c.lane_bits, "first acc lane used"),
+        _f("dst_lane", lambda c: c.lane_bits, "spad lane it is written to"),
+        _f("n_lanes", lambda c: c.lane_bits, "lanes written; other spad lanes keep their value"),
+        _f("zp", lambda c: c.a_bits + 1, "output zero point", signed=True),
+        _f("lo", lambda c: c.a_bits + 1, "clamp low bound (after zero point)", signed=True),
+        _f("hi", lambda c: c.a_bits + 1, "clamp high bound", signed=True),
+        _f("res_en", 1, "add residual: spad[res_base + i] lane * res_mult before rounding"),
+        _f("res_signed", 1, "residual activations are signed"),
+        _f("res_base", lambda c: c.spad_addr_bits, "first spad row of the residual tensor"),
+    ),
+    Opcode.POOL: (
+        _f("mode", PoolMode, "MAX or AVG"),
+        _f("a_signed", 1, "activations are signed"),
+        _f("src_base", lambda c: c.spad_addr_bits, "spad row of input pixel (0, 0)"),
+        _f("in_h", _dim, "input height"),
+        _f("in_w", _dim, "input width, also the row pitch"),
+        _f("out_h", _dim, "output height"),
+        _f("out_w", _dim, "output width"),
+        _f("k_h", KERNEL_BITS, "window height"),
+        _f("k_w", KERNEL_BITS, "window width"),
+        _f("stride_h", STRIDE_BITS, "vertical stride"),
+        _f("stride_w", STRIDE_BITS, "horizontal stride"),
+        _f("off_h", OFFSET_BITS, "input row of window (0, 0) for output row 0 (minus padding)", signed=True),
+        _f("off_w", OFFSET_BITS, "input column of window (0, 0) for output column 0", signed=True),
+        _f("dst_base", lambda c: c.spad_addr_bits, "spad row of output pixel (0, 0)"),
+        _f("mult", lambda c: c.pool_mult_bits, "AVG: sum * mult >> shift (rounded)"),
+        _f("shift", POOL_SHIFT_BITS, "AVG: right shift"),
+    ),
+}
+
+
+def _field_shape(f: Field, cfg):
+    if isinstance(f.width, type) and issubclass(f.width, enum.Enum):
+        return f.width
+    return f.shape(cfg)
+
+
+@functools.lru_cache(maxsize=None)
+def args_layout(cfg: AccelConfig, op: Opcode) -> data.StructLayout:
+    """Layout of the argument fields of ``op``."""
+    return data.StructLayout({f.name: _field_shape(f, cfg) for f in FIELDS[op]})
+
+
+@functools.lru_cache(maxsize=None)
+def instr_bits(cfg: AccelConfig) -> int:
+    """Instruction word width: opcode plus the widest argument layout, rounded up to 32 bits."""
+    widest = max(args_layout(cfg, op).size for op in Opcode)
+    return -(-(OPCODE_BITS + widest) // 32) * 32
+
+
+@functools.lru_cache(maxsize=None)
+def instr_layout(cfg: AccelConfig) -> data.StructLayout:
+    """Layout of one instruction word: ``op`` then a union of every opcode's arguments."""
+    args = data.UnionLayout({op.name.lower(): args_layout(cfg, op) for op in Opcode if FIELDS[op]})
+    pad = instr_bits(cfg) - OPCODE_BITS - args.size
+    return data.StructLayout({"op": Opcode, "args": args, "pad": unsigned(pad)})
+
+
+# -- memory row layouts (shared by RTL views and host-side image packing) ------------------------
+
+@functools.lru_cache(maxsize=None)
+def wmem_row_layout(cfg: AccelConfig) -> data.ArrayLayout:
+    return data.ArrayLayout(signed(cfg.w_bits), cfg.cols)
+
+
+@functools.lru_cache(maxsize=None)
+def spad_row_layout(cfg: AccelConfig) -> data.ArrayLayout:
+    """Raw activation patterns; signedness is chosen by the instruction that reads them."""
+    return data.ArrayLayout(unsigned(cfg.a_bits), cfg.rows)
+
+
+@functools.lru_cache(maxsize=None)
+def acc_row_layout(cfg: AccelConfig) -> data.ArrayLayout:
+    return data.ArrayLayout(signed(cfg.acc_width), cfg.cols)
+
+
+@functools.lru_cache(maxsize=None)
+def param_lane_layout(cfg: AccelConfig) -> data.StructLayout:
+    """One output channel's post-processing parameters.
+
+    ``y = clamp(zp + round_shift((acc + bias) * mult + residual * res_mult, shift), lo, hi)``.
+    """
+    return data.StructLayout({
+        "bias": signed(cfg.bias_bits),
+        "mult": unsigned(cfg.mult_bits),
+        "res_mult": unsigned(cfg.mult_bits),
+        "shift": unsigned(cfg.shift_bits),
+    })
+
+
+@functools.lru_cache(maxsize=None)
+def param_row_layout(cfg: AccelConfig) -> data.ArrayLayout:
+    return data.ArrayLayout(param_lane_layout(cfg), cfg.cols)
+
+
+# -- host-side encode / decode -------------------------------------------------------------------
+
+def _range(shape) -> tuple[int, int]:
+    if isinstance(shape, type) and issubclass(shape, enum.Enum):
+        vals = [m.value for m in shape]
+        return min(vals), max(vals)
+    s = shape if not hasattr(shape, "signed") else shape
+    if s.signed:
+        return -(1 << (s.width - 1)), (1 << (s.width - 1)) - 1
+    return 0, (1 << s.width) - 1
+
+
+@dataclass(frozen=True)
+class Instr:
+    """One decoded instruction: an opcode and its argument values (missing fields are 0)."""
+
+    op: Opcode
+    args: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "op", Opcode(self.op))
+        names = {f.name for f in FIELDS[self.op]}
+        unknown = set(self.args) - names
+        if unknown:
+            raise IsaError(f"{self.op.name} has no field {sorted(unknown)[0]!r} (fields: {', '.join(sorted(names)) or 'none'})")
+        full = {f.name: 0 for f in FIELDS[self.op]}
+        for k, v in self.args.items():
+            full[k] = int(v.value if isinstance(v, enum.Enum) else v)
+        object.__setattr__(self, "args", full)
+
+    def __getattr__(self, name):
+        args = object.__getattribute__(self, "args")
+        if name in args:
+            return args[name]
+        raise AttributeError(name)
+
+    def check(self, cfg: AccelConfig) -> None:
+        """Raise :class:`IsaError` naming the first field whose value does not fit its width."""
+        lay = args_layout(cfg, self.op)
+        for name, v in self.args.items():
+            lo, hi = _range(lay[name].shape)
+            if not lo <= v <= hi:
+                raise IsaError(f"{self.op.name}.{name} = {v} does not fit ({lo}..{hi}) for {cfg.describe()}")
+
+    def encode(self, cfg: AccelConfig) -> int:
+        self.check(cfg)
+        lay = instr_layout(cfg)
+        init = {"op": self.op}
+        if FIELDS[self.op]:
+            args = dict(self.args)
+            if self.op is Opcode.POOL:
+                args["mode"] = PoolMode(args["mode"])
+            init["args"] = {self.op.name.lower(): args}
+        return lay.const(init).as_bits()
+
+    def __str__(self):
+        return self.op.name + "".join(f" {k}={v}" for k, v in self.args.items())
+
+
+def encode(cfg: AccelConfig, instr: Instr) -> int:
+    return instr.encode(cfg)
+
+
+def decode(cfg: AccelConfig, word: int) -> Instr:
+    """Decode an instruction word; raises :class:`IsaError` for an unknown opcode or stray bits."""
+    lay = instr_layout(cfg)
+    if not 0 <= word < (1 << lay.size):
+        raise IsaError(f"instruction word does not fit in {lay.size} bits")
+    op_raw = word & ((1 << OPCODE_BITS) - 1)
+    try:
+        op = Opcode(op_raw)
+    except ValueError:
+        raise IsaError(f"unknown opcode {op_raw}") from None
+    used = OPCODE_BITS + args_layout(cfg, op).size
+    if word >> used:
+        raise IsaError(f"{op.name} word has non-zero bits above bit {used - 1}")
+    view = lay.from_bits(word)
+    if not FIELDS[op]:
+        return Instr(op)
+    args = getattr(view.args, op.name.lower())
+    vals = {}
+    for f in FIELDS[op]:
+        v = getattr(args, f.name)
+        vals[f.name] = int(v.value if isinstance(v, enum.Enum) else v)
+    return Instr(op, vals)
+
+
+# -- builders (the assembler) ----------------------------------------------------------------------
+
+def nop() -> Instr:
+    return Instr(Opcode.NOP)
+
+
+def halt() -> Instr:
+    return Instr(Opcode.HALT)
+
+
+def sync() -> Instr:
+    return Instr(Opcode.SYNC)
+
+
+def preload(*, bank: int, w_addr: int, n_rows: int) -> Instr:
+    return Instr(Opcode.PRELOAD, dict(bank=bank, w_addr=w_addr, n_rows=n_rows))
+
+
+def matmul(*, bank: int, spad_base: int, acc_base: int, in_h: int = 1, in_w: int, out_h: int = 1,
+           out_w: int, stride_h: int = 1, stride_w: int = 1, off_h: int = 0, off_w: int = 0,
+           accumulate: bool = False, a_signed: bool = False) -> Instr:
+    return Instr(Opcode.MATMUL, dict(
+        bank=bank, accumulate=int(accumulate), a_signed=int(a_signed), spad_base=spad_base,
+        in_h=in_h, in_w=in_w, out_h=out_h, out_w=out_w, stride_h=stride_h, stride_w=stride_w,
+        off_h=off_h, off_w=off_w, acc_base=acc_base))
+
+
+def post(*, acc_base: int, spad_base: int, n: int, param_addr: int, n_lanes: int, lo: int, hi: int,
+         src_lane: int = 0, dst_lane: int = 0, zp: int = 0, res_base: int | None = None,
+         res_signed: bool = False) -> Instr:
+    return Instr(Opcode.POST, dict(
+        acc_base=acc_base, spad_base=spad_base, n=n, param_addr=param_addr, src_lane=src_lane,
+        dst_lane=dst_lane, n_lanes=n_lanes, zp=zp, lo=lo, hi=hi, res_en=int(res_base is not None),
+        res_signed=int(res_signed), res_base=res_base or 0))
+
+
+def pool(*, mode: PoolMode, src_base: int, dst_base: int, in_h: int, in_w: int, out_h: int,
+         out_w: int, k_h: int, k_w: int, stride_h: int = 1, stride_w: int = 1, off_h: int = 0,
+         off_w: int = 0, a_signed: bool = False, mult: int = 0, shift: int = 0) -> Instr:
+    return Instr(Opcode.POOL, dict(
+        mode=PoolMode(mode).value, a_signed=int(a_signed), src_base=src_base, in_h=in_h, in_w=in_w,
+        out_h=out_h, out_w=out_w, k_h=k_h, k_w=k_w, stride_h=stride_h, stride_w=stride_w,
+        off_h=off_h, off_w=off_w, dst_base=dst_base, mult=mult, shift=shift))
+
+
+# -- host port ---------------------------------------------------------------------------------------
+
+class HostMem(enum.Enum, shape=3):
+    """Memory selected on the accelerator's host port (``host_mem``)."""
+
+    IMEM = 0
+    WMEM = 1
+    SPAD = 2
+    ACC = 3
+    PARAM = 4
+
+
+def host_row_bits(cfg: AccelConfig) -> dict[HostMem, int]:
+    """Row width of each host-visible memory."""
+    return {
+        HostMem.IMEM: instr_bits(cfg),
+        HostMem.WMEM: cfg.wmem_row_bits,
+        HostMem.SPAD: cfg.spad_row_bits,
+        HostMem.ACC: cfg.acc_row_bits,
+        HostMem.PARAM: cfg.param_row_bits,
+    }
+
+
+def host_depths(cfg: AccelConfig) -> dict[HostMem, int]:
+    return {
+        HostMem.IMEM: cfg.imem_depth,
+        HostMem.WMEM: cfg.wmem_depth,
+        HostMem.SPAD: cfg.spad_depth,
+        HostMem.ACC: cfg.acc_depth,
+        HostMem.PARAM: cfg.param_depth,
+    }
+
+
+def host_data_bits(cfg: AccelConfig) -> int:
+    """Width of ``host_wdata``/``host_rdata``: the widest memory row."""
+    return max(host_row_bits(cfg).values())
+
+
+def host_addr_bits(cfg: AccelConfig) -> int:
+    return max(max(d - 1, 1).bit_length() for d in host_depths(cfg).values())

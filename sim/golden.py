@@ -1,0 +1,301 @@
+"""Bit-exact NumPy model of the Quarry accelerator, and its cycle model.
+
+This executes the same program containers the RTL executes, instruction by instruction, with
+integer semantics that the RTL must match bit for bit.
+
+Rounding (the one place it is defined)
+---------------------------------------
+Quarry uses **single rounding, ties away from zero** for every right shift with rounding::
+
+    round_shift(x, s) = x                                          if s == 0
+                      = floor((x + 2**(s-1) - (x < 0)) / 2**s)     otherwise
+
+i.e. ``x / 2**s`` rounded to nearest, halves away from zero (gemmlowp's ``RoundingDivideByPOT``
+tie rule, applied once to the full product instead of after a high-multiply). It costs one adder
+with a sign-dependent constant in hardware and is more accurate than gemmlowp's double rounding.
+
+Requantization of one output channel (POST)::
+
+    y = clamp(zp + round_shift((acc + bias) * mult + residual * res_mult, shift), lo, hi)
+
+with ``mult``/``res_mult`` unsigned ``mult_bits`` fixed-point multipliers (the compiler chooses
+``mult = round(M * 2**shift)`` for the real multiplier ``M = s_x*s_w/s_y``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hw import isa, timing
+from hw.config import AccelConfig
+from hw.isa import Opcode, PoolMode
+from hw.program import Program, ProgramError, unpack_rows
+
+__all__ = ["round_shift", "requantize", "Machine", "GoldenError", "RunResult", "wrap"]
+
+
+class GoldenError(RuntimeError):
+    """The program asked for something the machine cannot do (address out of range, ...)."""
+
+
+def wrap(x, bits: int):
+    """Two's-complement wrap of int64 values to ``bits`` bits."""
+    x = np.asarray(x, dtype=np.int64)
+    half = np.int64(1) << np.int64(bits - 1)
+    return ((x + half) & ((half << 1) - 1)) - half
+
+
+def round_shift(x, s):
+    """``x / 2**s`` rounded to nearest, ties away from zero (see module docstring). int64 arrays."""
+    x = np.asarray(x, dtype=np.int64)
+    s = np.asarray(s, dtype=np.int64)
+    half = np.where(s > 0, np.left_shift(np.int64(1), np.maximum(s - 1, 0)), 0)
+    return np.right_shift(x + half - ((x < 0) & (s > 0)), s)
+
+
+def requantize(acc, bias, mult, shift, zp, lo, hi, residual=None, res_mult=None):
+    """Integer requantization exactly as POST does it (arrays broadcast per lane)."""
+    t = (np.asarray(acc, np.int64) + np.asarray(bias, np.int64)) * np.asarray(mult, np.int64)
+    if residual is not None:
+        t = t + np.asarray(residual, np.int64) * np.asarray(res_mult, np.int64)
+    y = round_shift(t, shift) + np.int64(zp)
+    return np.clip(y, lo, hi)
+
+
+def _as_signed(raw, bits, is_signed):
+    raw = np.asarray(raw, dtype=np.int64)
+    if is_signed:
+        return np.where(raw >= (1 << (bits - 1)), raw - (1 << bits), raw)
+    return raw
+
+
+@dataclass
+class RunResult:
+    """What a run did: total cycles (HALT issue + 1), per-instruction (issue, done) cycles, MACs."""
+
+    cycles: int
+    issue: list[int] = field(default_factory=list)
+    done: list[int] = field(default_factory=list)
+    macs: int = 0
+    executed: int = 0
+
+
+class _CycleModel:
+    """Event model of the RTL's issue rules (see :mod:`hw.timing`).
+
+    Rules: one instruction per cycle at most, in order. PRELOAD needs the loader free and its
+    bank drained of the previous MATMUL on it. MATMUL needs the matmul engine free (it may
+    issue in the cycle of the previous one's last vector), its bank loaded and POST/POOL idle.
+    Everything else waits for every engine to be idle.
+    """
+
+    def __init__(self, cfg: AccelConfig):
+        self.cfg = cfg
+        self.t = 1  # earliest issue cycle of the next instruction
+        self.loader_free = 0
+        self.bank_ready = [0, 0]
+        self.bank_free = [0, 0]
+        self.mm_free = 0
+        self.pipe_idle = 0
+        self.misc_free = 0
+
+    def all_idle(self):
+        return max(self.loader_free, self.mm_free, self.pipe_idle, self.misc_free,
+                   *self.bank_ready)
+
+    def step(self, ins: isa.Instr) -> tuple[int, int]:
+        cfg, op, a = self.cfg, ins.op, ins.args
+        if op is Opcode.NOP:
+            issue = self.t
+            done = issue
+        elif op is Opcode.PRELOAD:
+            issue = max(self.t, self.loader_free, self.bank_free[a["bank"]])
+            done = issue + timing.preload_busy(cfg)
+            self.loader_free = self.bank_ready[a["bank"]] = done
+        elif op is Opcode.MATMUL:
+            m = a["out_h"] * a["out_w"]
+            issue = max(self.t, self.mm_free, self.bank_ready[a["bank"]], self.misc_free)
+            self.mm_free = issue + m
+            b = a["bank"]
+            self.bank_free[b] = max(self.bank_free[b], issue + m + 1 + timing.matmul_drain(cfg))
+            done = issue + m + timing.matmul_latency(cfg)
+            self.pipe_idle = max(self.pipe_idle, done)
+        elif op is Opcode.POST:
+            issue = max(self.t, self.all_idle())
+            done = issue + a["n"] + timing.post_latency(cfg)
+            self.misc_free = done
+        elif op is Opcode.POOL:
+            issue = max(self.t, self.all_idle())
+            done = issue + a["out_h"] * a["out_w"] * a["k_h"] * a["k_w"] + timing.pool_latency(cfg)
+            self.misc_free = done
+        else:  # SYNC, HALT
+            issue = max(self.t, self.all_idle())
+            done = issue
+        self.t = issue + 1
+        return issue, done
+
+
+class Machine:
+    """Architectural state of one accelerator and an interpreter for its programs."""
+
+    def __init__(self, cfg: AccelConfig):
+        self.cfg = cfg
+        R, C = cfg.rows, cfg.cols
+        self.spad = np.zeros((cfg.spad_depth, R), np.int64)  # raw a_bits patterns
+        self.acc = np.zeros((cfg.acc_depth, C), np.int64)
+        self.wmem = np.zeros((cfg.wmem_depth, C), np.int64)
+        self.param = {k: np.zeros((cfg.param_depth, C), np.int64) for k in ("bias", "mult", "res_mult", "shift")}
+        self.banks = np.zeros((2, R, C), np.int64)
+
+    # -- memory access ---------------------------------------------------------------------------
+
+    def load_images(self, program: Program) -> None:
+        if program.config.hash != self.cfg.hash:
+            raise ProgramError(f"program was built for config {program.config.hash} "
+                               f"({program.config.describe()}), not {self.cfg.hash} ({self.cfg.describe()})")
+        for name, rows in program.images.items():
+            vals = unpack_rows(isa.__dict__[f"{name}_row_layout"](self.cfg), rows)
+            if name == "param":
+                for k in self.param:
+                    self.param[k][:len(rows)] = vals[k]
+            else:
+                getattr(self, name)[:len(rows)] = vals
+
+    def write_spad(self, addr: int, values, signed: bool = False) -> None:
+        """Write activation rows (lanes beyond the given width keep 0) starting at ``addr``."""
+        v = np.asarray(values, np.int64)
+        if v.ndim == 1:
+            v = v[:, None]
+        lo = -(1 << (self.cfg.a_bits - 1)) if signed else 0
+        hi = lo + (1 << self.cfg.a_bits) - 1
+        if v.size and (v.min() < lo or v.max() > hi):
+            raise GoldenError(f"activation values outside {lo}..{hi}")
+        if addr < 0 or addr + len(v) > self.cfg.spad_depth or v.shape[1] > self.cfg.rows:
+            raise GoldenError(f"spad write of {v.shape} at {addr} does not fit")
+        self.spad[addr:addr + len(v)] = 0
+        self.spad[addr:addr + len(v), :v.shape[1]] = v & ((1 << self.cfg.a_bits) - 1)
+
+    def read_spad(self, addr: int, n: int, signed: bool = False) -> np.ndarray:
+        return _as_signed(self.spad[addr:addr + n], self.cfg.a_bits, signed)
+
+    # -- execution -------------------------------------------------------------------------------
+
+    def run(self, program: Program, max_instrs: int = 10_000_000) -> RunResult:
+        """Execute from instruction 0 until HALT (or the end of the program)."""
+        self.load_images(program)
+        model = _CycleModel(self.cfg)
+        res = RunResult(cycles=0)
+        for pc, ins in enumerate(program.instrs):
+            if pc >= max_instrs:
+                raise GoldenError(f"no HALT within {max_instrs} instructions")
+            try:
+                res.macs += self.execute(ins)
+            except GoldenError as e:
+                raise GoldenError(f"instruction {pc} ({ins.op.name}): {e}") from None
+            issue, done = model.step(ins)
+            res.issue.append(issue)
+            res.done.append(done)
+            res.executed += 1
+            if ins.op is Opcode.HALT:
+                res.cycles = issue + 1
+                return res
+        raise GoldenError("program ended without HALT")
+
+    def execute(self, ins: isa.Instr) -> int:
+        """Apply one instruction to the state; returns the useful MACs it performed."""
+        op = ins.op
+        if op in (Opcode.NOP, Opcode.SYNC, Opcode.HALT):
+            return 0
+        return getattr(self, f"_{op.name.lower()}")(ins.args)
+
+    def _check(self, what, lo, hi, depth):
+        if lo < 0 or hi > depth:
+            raise GoldenError(f"{what} rows {lo}..{hi - 1} outside 0..{depth - 1}")
+
+    def _preload(self, a) -> int:
+        R = self.cfg.rows
+        n = a["n_rows"]
+        if n > R:
+            raise GoldenError(f"n_rows {n} > rows {R}")
+        self._check("wmem", a["w_addr"], a["w_addr"] + n, self.cfg.wmem_depth)
+        bank = np.zeros((R, self.cfg.cols), np.int64)
+        bank[:n] = self.wmem[a["w_addr"]:a["w_addr"] + n]
+        self.banks[a["bank"]] = bank
+        return 0
+
+    def _window(self, base, in_h, in_w, out_h, out_w, sh, sw, oh0, ow0):
+        """Spad row per output pixel of a strided window, and whether it is inside the input."""
+        oh = np.arange(out_h)[:, None]
+        ow = np.arange(out_w)[None, :]
+        ih = oh * sh + oh0
+        iw = ow * sw + ow0
+        inside = (ih >= 0) & (ih < in_h) & (iw >= 0) & (iw < in_w)
+        addr = base + ih * in_w + iw
+        if inside.any():
+            used = addr[inside]
+            self._check("spad", int(used.min()), int(used.max()) + 1, self.cfg.spad_depth)
+        return np.where(inside, addr, 0).reshape(-1), inside.reshape(-1)
+
+    def _matmul(self, a) -> int:
+        cfg = self.cfg
+        m = a["out_h"] * a["out_w"]
+        if m == 0 or a["in_w"] == 0:
+            raise GoldenError("out_h, out_w and in_w must be > 0")
+        self._check("acc", a["acc_base"], a["acc_base"] + m, cfg.acc_depth)
+        addr, inside = self._window(a["spad_base"], a["in_h"], a["in_w"], a["out_h"], a["out_w"],
+                                    a["stride_h"], a["stride_w"], a["off_h"], a["off_w"])
+        x = _as_signed(self.spad[addr], cfg.a_bits, a["a_signed"]) * inside[:, None]
+        psum = x @ self.banks[a["bank"]]
+        rows = slice(a["acc_base"], a["acc_base"] + m)
+        old = self.acc[rows] if a["accumulate"] else 0
+        self.acc[rows] = wrap(old + psum, cfg.acc_width)
+        return m * cfg.rows * cfg.cols
+
+    def _post(self, a) -> int:
+        cfg = self.cfg
+        n, sl, dl, nl = a["n"], a["src_lane"], a["dst_lane"], a["n_lanes"]
+        if n == 0 or nl == 0:
+            raise GoldenError("n and n_lanes must be > 0")
+        if sl + nl > cfg.cols or dl + nl > cfg.rows:
+            raise GoldenError(f"lanes src {sl}+{nl} / dst {dl}+{nl} exceed cols {cfg.cols} / rows {cfg.rows}")
+        self._check("acc", a["acc_base"], a["acc_base"] + n, cfg.acc_depth)
+        self._check("spad", a["spad_base"], a["spad_base"] + n, cfg.spad_depth)
+        self._check("param", a["param_addr"], a["param_addr"] + 1, cfg.param_depth)
+        p = {k: v[a["param_addr"], sl:sl + nl] for k, v in self.param.items()}
+        acc = self.acc[a["acc_base"]:a["acc_base"] + n, sl:sl + nl]
+        residual = None
+        if a["res_en"]:
+            self._check("spad", a["res_base"], a["res_base"] + n, cfg.spad_depth)
+            residual = _as_signed(self.spad[a["res_base"]:a["res_base"] + n, dl:dl + nl],
+                                  cfg.a_bits, a["res_signed"])
+        y = requantize(acc, p["bias"], p["mult"], p["shift"], a["zp"], a["lo"], a["hi"],
+                       residual, p["res_mult"])
+        self.spad[a["spad_base"]:a["spad_base"] + n, dl:dl + nl] = y & ((1 << cfg.a_bits) - 1)
+        return 0
+
+    def _pool(self, a) -> int:
+        cfg = self.cfg
+        oh, ow, kh, kw = a["out_h"], a["out_w"], a["k_h"], a["k_w"]
+        if 0 in (oh, ow, kh, kw, a["in_w"]):
+            raise GoldenError("out_h, out_w, k_h, k_w and in_w must be > 0")
+        self._check("spad", a["dst_base"], a["dst_base"] + oh * ow, cfg.spad_depth)
+        best = None
+        total = np.zeros((oh * ow, cfg.rows), np.int64)
+        for dy in range(kh):
+            for dx in range(kw):
+                addr, inside = self._window(a["src_base"], a["in_h"], a["in_w"], oh, ow,
+                                            a["stride_h"], a["stride_w"], a["off_h"] + dy, a["off_w"] + dx)
+                x = _as_signed(self.spad[addr], cfg.a_bits, a["a_signed"])
+                total += x * inside[:, None]
+                cand = np.where(inside[:, None], x, np.iinfo(np.int64).min)
+                best = cand if best is None else np.maximum(best, cand)
+        if a["mode"] == PoolMode.MAX.value:
+            y = np.zeros_like(total) if best is None else np.where(best == np.iinfo(np.int64).min, 0, best)
+        else:
+            y = round_shift(total * a["mult"], a["shift"])
+            lo = -(1 << (cfg.a_bits - 1)) if a["a_signed"] else 0
+            y = np.clip(y, lo, lo + (1 << cfg.a_bits) - 1)
+        self.spad[a["dst_base"]:a["dst_base"] + oh * ow] = y & ((1 << cfg.a_bits) - 1)
+        return 0
