@@ -31,12 +31,12 @@ def matmul_drain(cfg: AccelConfig) -> int:
 
 
 def matmul_latency(cfg: AccelConfig) -> int:
-    """Cycles from a vector's address cycle to its accumulator write (inclusive of both ends).
+    """Cycles from a MATMUL's last vector address cycle until the array pipeline is empty.
 
-    Spad read (1), mask (1), row skew (rows - 1), psum down the rows (rows), column de-skew
-    (cols - 1), acc read (1), acc write (1).
+    Spad read (1), mask register (1), array (rows + cols - 1, skew included), acc read (1),
+    acc write (1), plus the cycle in which an idle engine may issue.
     """
-    return 2 * cfg.rows + cfg.cols + 2
+    return cfg.rows + cfg.cols + 3
 
 
 def post_latency(cfg: AccelConfig) -> int:
@@ -46,5 +46,6 @@ def post_latency(cfg: AccelConfig) -> int:
 
 
 def pool_latency(cfg: AccelConfig) -> int:
-    """Cycles from the last window read of a POOL output pixel to its spad write."""
-    return 4
+    """Cycles from POOL's last window read until the pool engine is idle: data (1), fold (1),
+    average multiply (1), round/clamp (1), write (1)."""
+    return 5

@@ -1,0 +1,68 @@
+"""Post-processing: the per-channel requantization lane."""
+
+from __future__ import annotations
+
+from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+
+from .config import AccelConfig
+
+__all__ = ["RequantLane"]
+
+
+class RequantLane(wiring.Component):
+    """One output channel of the post-processing unit, four pipeline stages.
+
+    ``y = clamp(zp + round_shift((acc + bias) * mult + res * res_mult, shift), lo, hi)`` where
+    ``round_shift`` rounds to nearest with ties away from zero (the rounding defined in
+    ``sim/golden.py``): ``(x + 2**(shift-1) - (x < 0)) >> shift`` for ``shift > 0``.
+
+    ``acc``/``res`` enter every cycle; ``y`` is the result for the inputs of four cycles earlier.
+    ``bias``, ``mult``, ``res_mult``, ``shift``, ``zp``, ``lo``, ``hi`` must be stable while a
+    stream is in flight (they are per-instruction / per-channel constants).
+
+    Stages: (1) bias add, (2) multiplies and residual add, (3) rounding shift, (4) zero point
+    and clamp. The multiply is the long path; it is alone in its stage.
+    """
+
+    LATENCY = 4
+
+    def __init__(self, cfg: AccelConfig):
+        self._cfg = cfg
+        a1 = cfg.a_bits + 1
+        super().__init__({
+            "acc": In(signed(cfg.acc_width)),
+            "res": In(signed(a1)),
+            "bias": In(signed(cfg.bias_bits)),
+            "mult": In(unsigned(cfg.mult_bits)),
+            "res_mult": In(unsigned(cfg.mult_bits)),
+            "shift": In(unsigned(cfg.shift_bits)),
+            "zp": In(signed(a1)),
+            "lo": In(signed(a1)),
+            "hi": In(signed(a1)),
+            "y": Out(signed(a1)),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self._cfg
+        prod_bits = cfg.acc_width + cfg.mult_bits + 3  # config guarantees this stays <= 63
+
+        t0 = Signal(signed(cfg.acc_width + 1))
+        r0 = Signal(signed(cfg.a_bits + 1))
+        m.d.sync += [t0.eq(self.acc + self.bias), r0.eq(self.res)]
+
+        prod = Signal(signed(prod_bits))
+        m.d.sync += prod.eq(t0 * self.mult + r0 * self.res_mult)
+
+        half = Signal(unsigned(prod_bits))
+        m.d.comb += half.eq(Mux(self.shift == 0, 0, (Const(1, unsigned(prod_bits)) << self.shift) >> 1))
+        neg = (prod < 0) & (self.shift != 0)
+        rounded = Signal(signed(prod_bits))
+        m.d.sync += rounded.eq((prod + half - neg) >> self.shift)
+
+        z = Signal(signed(prod_bits + 1))
+        m.d.comb += z.eq(rounded + self.zp)
+        m.d.sync += self.y.eq(Mux(z < self.lo, self.lo, Mux(z > self.hi, self.hi, z)))
+        return m

@@ -1,0 +1,460 @@
+"""The accelerator top: controller, engines, memories, systolic array and host port.
+
+Engines and what they own:
+
+* **front end** — fetches one instruction per cycle from imem and issues it when its engine
+  and its hazards allow (rules in :mod:`hw.timing`, mirrored by the cycle model in
+  ``sim.golden``). Instructions issue in program order.
+* **loader** (PRELOAD) — copies weight rows wmem -> one bank of the array, one row per cycle.
+* **matmul engine** (MATMUL) — 2-D window address generator over spad with zero padding; one
+  vector per cycle into the array; the array's sums are added into (or overwrite) acc rows.
+* **post engine** (POST) — acc rows through ``cols`` requantization lanes into spad lanes.
+* **pool engine** (POOL) — max/avg over 2-D windows, spad to spad.
+
+Hazards are kept simple and conservative: PRELOAD waits until the previous MATMUL on its bank
+has drained from the array; MATMUL waits for POST/POOL; POST, POOL, SYNC and HALT wait until
+every engine (and the array pipeline) is idle.
+"""
+
+from __future__ import annotations
+
+from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned, Array, Cat
+from amaranth.lib import data, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from . import isa, timing
+from .array import SystolicArray, delay
+from .config import AccelConfig, ConfigError
+from .isa import HostMem, Opcode, PoolMode
+from .ppu import RequantLane
+
+__all__ = ["QuarryTop", "CYCLE_BITS"]
+
+CYCLE_BITS = 32
+
+
+def _ext(raw, signed_flag, bits):
+    """Sign- or zero-extend a raw ``bits``-wide activation to ``bits + 1``."""
+    return Mux(signed_flag, raw.as_signed(), raw.as_unsigned())
+
+
+class QuarryTop(wiring.Component):
+    """The generated accelerator.
+
+    Parameters
+    ----------
+    cfg : AccelConfig
+    wmem_init, param_init : list of int, optional
+        Packed rows (``hw.program.pack_rows``) baked into the weight / param memories.
+
+    Ports: see ``sim/verilator.py``: ``start``, ``busy``, ``done``, ``cycles`` and the host port
+    ``host_mem``/``host_addr``/``host_wdata``/``host_we``/``host_re``/``host_rdata`` (read data
+    valid the cycle after ``host_re``; accesses are ignored while ``busy``, so the host cannot
+    corrupt a running program).
+    """
+
+    def __init__(self, cfg: AccelConfig, *, wmem_init=None, param_init=None):
+        if cfg.pe_kind != "int":
+            raise ConfigError("pe_kind", f"pe_kind {cfg.pe_kind!r} has no RTL yet (only 'int')")
+        self._cfg = cfg
+        self._wmem_init = list(wmem_init or [])
+        self._param_init = list(param_init or [])
+        for name, init, depth in (("wmem", self._wmem_init, cfg.wmem_depth),
+                                  ("param", self._param_init, cfg.param_depth)):
+            if len(init) > depth:
+                raise ConfigError(f"{name}_depth", f"{name} image has {len(init)} rows, {name}_depth is {depth}")
+        dbits = isa.host_data_bits(cfg)
+        super().__init__({
+            "start": In(1), "busy": Out(1), "done": Out(1), "cycles": Out(CYCLE_BITS),
+            "host_mem": In(HostMem), "host_addr": In(isa.host_addr_bits(cfg)),
+            "host_wdata": In(dbits), "host_we": In(1), "host_re": In(1), "host_rdata": Out(dbits),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self._cfg
+        R, C = cfg.rows, cfg.cols
+        A = cfg.a_bits
+
+        # -- memories --------------------------------------------------------------------------
+        m.submodules.imem = imem = Memory(shape=isa.instr_bits(cfg), depth=cfg.imem_depth, init=[])
+        m.submodules.wmem = wmem = Memory(shape=cfg.wmem_row_bits, depth=cfg.wmem_depth, init=self._wmem_init)
+        m.submodules.spad = spad = Memory(shape=cfg.spad_row_bits, depth=cfg.spad_depth, init=[])
+        m.submodules.acc = accm = Memory(shape=cfg.acc_row_bits, depth=cfg.acc_depth, init=[])
+        m.submodules.param = param = Memory(shape=cfg.param_row_bits, depth=cfg.param_depth, init=self._param_init)
+
+        imem_w = imem.write_port()
+        imem_r = imem.read_port()
+        wmem_w = wmem.write_port()
+        wmem_r = wmem.read_port()
+        spad_w = spad.write_port(granularity=A)
+        spad_r = spad.read_port()
+        acc_w = accm.write_port()
+        # Transparent: a MATMUL accumulating into the row written in the same cycle sees the new value.
+        acc_r = accm.read_port(transparent_for=(acc_w,))
+        param_w = param.write_port()
+        param_r = param.read_port()
+
+        busy = Signal()
+        done = Signal()
+        cycles = Signal(CYCLE_BITS)
+        m.d.comb += [self.busy.eq(busy), self.done.eq(done), self.cycles.eq(cycles)]
+
+        # -- host port (only while idle) ---------------------------------------------------------
+        host_ok = ~busy
+        hsel = Signal(HostMem)
+        m.d.sync += hsel.eq(self.host_mem)
+        for mem_sel, wp in ((HostMem.IMEM, imem_w), (HostMem.WMEM, wmem_w), (HostMem.ACC, acc_w),
+                            (HostMem.PARAM, param_w)):
+            with m.If(host_ok & self.host_we & (self.host_mem == mem_sel)):
+                m.d.comb += [wp.addr.eq(self.host_addr), wp.data.eq(self.host_wdata), wp.en.eq(1)]
+        with m.If(host_ok & self.host_we & (self.host_mem == HostMem.SPAD)):
+            m.d.comb += [spad_w.addr.eq(self.host_addr), spad_w.data.eq(self.host_wdata), spad_w.en.eq(-1)]
+        with m.Switch(hsel):
+            for mem_sel, rp in ((HostMem.IMEM, imem_r), (HostMem.WMEM, wmem_r), (HostMem.SPAD, spad_r),
+                                (HostMem.ACC, acc_r), (HostMem.PARAM, param_r)):
+                with m.Case(mem_sel):
+                    m.d.comb += self.host_rdata.eq(rp.data)
+        host_rd = host_ok & self.host_re
+        for mem_sel, rp in ((HostMem.IMEM, imem_r), (HostMem.WMEM, wmem_r), (HostMem.SPAD, spad_r),
+                            (HostMem.ACC, acc_r), (HostMem.PARAM, param_r)):
+            with m.If(host_rd & (self.host_mem == mem_sel)):
+                m.d.comb += rp.addr.eq(self.host_addr)
+
+        # -- front end -----------------------------------------------------------------------------
+        pc = Signal(cfg.imem_addr_bits)
+        ivalid = Signal()
+        word = data.View(isa.instr_layout(cfg), imem_r.data)
+        op = word.op
+        issue = Signal()  # the instruction in `word` issues this cycle
+        with m.If(busy):
+            m.d.comb += imem_r.addr.eq(Mux(issue, pc + 1, pc))
+        with m.If(busy & issue):
+            m.d.sync += pc.eq(pc + 1)
+        with m.If(busy):
+            m.d.sync += [ivalid.eq(1), cycles.eq(cycles + 1)]
+        with m.If(self.start & ~busy):
+            m.d.sync += [busy.eq(1), done.eq(0), pc.eq(0), ivalid.eq(0), cycles.eq(0)]
+
+        a_pre = word.args.preload
+        a_mm = word.args.matmul
+        a_post = word.args.post
+        a_pool = word.args.pool
+
+        # -- loader ----------------------------------------------------------------------------------
+        ld_busy = Signal()
+        ld_bank = Signal()
+        ld_addr = Signal(cfg.wmem_addr_bits)
+        ld_idx = Signal(range(R + 1))  # row being read
+        ld_n = Signal(range(R + 1))
+        ld_wr = Signal()  # a read was issued last cycle: write it now
+        ld_wr_idx = Signal(range(R))
+        ld_wr_zero = Signal()
+
+        # -- matmul engine state ----------------------------------------------------------------------
+        mm_busy = Signal()
+        mm = {n: Signal(shape, name=f"mm_{n}") for n, shape in (
+            ("bank", 1), ("acc_mode", 1), ("a_signed", 1),
+            ("in_h", cfg.dim_bits), ("in_w", cfg.dim_bits), ("out_h", cfg.dim_bits), ("out_w", cfg.dim_bits),
+            ("stride_h", isa.STRIDE_BITS), ("stride_w", isa.STRIDE_BITS),
+            ("off_w", signed(isa.OFFSET_BITS)), ("pitch", cfg.dim_bits + isa.STRIDE_BITS))}
+        addr_bits = cfg.spad_addr_bits + cfg.dim_bits + isa.STRIDE_BITS + isa.OFFSET_BITS + 4
+        mm_oh = Signal(cfg.dim_bits)
+        mm_ow = Signal(cfg.dim_bits)
+        mm_ih = Signal(signed(cfg.dim_bits + isa.STRIDE_BITS + isa.OFFSET_BITS + 2))
+        mm_iw = Signal(signed(cfg.dim_bits + isa.STRIDE_BITS + isa.OFFSET_BITS + 2))
+        mm_row = Signal(signed(addr_bits))
+        mm_acc = Signal(cfg.acc_addr_bits)
+        mm_last = Signal()
+        m.d.comb += mm_last.eq(mm_busy & (mm_ow == mm["out_w"] - 1) & (mm_oh == mm["out_h"] - 1))
+
+        drain = [Signal(range(timing.matmul_drain(cfg) + 1), name=f"drain{b}") for b in range(2)]
+        pipe_cnt = Signal(range(timing.matmul_latency(cfg) + 1))
+
+        # -- post / pool engines ------------------------------------------------------------------------
+        misc_busy = Signal()  # POST or POOL running (including its pipeline)
+
+        all_idle = ~ld_busy & ~mm_busy & (pipe_cnt == 0) & ~misc_busy
+
+        # -- issue ---------------------------------------------------------------------------------------
+        can = Signal()
+        with m.Switch(op):
+            with m.Case(Opcode.NOP):
+                m.d.comb += can.eq(1)
+            with m.Case(Opcode.PRELOAD):
+                b = a_pre.bank
+                m.d.comb += can.eq(~ld_busy & (Array(drain)[b] == 0) & ~(mm_busy & (mm["bank"] == b)))
+            with m.Case(Opcode.MATMUL):
+                m.d.comb += can.eq((~mm_busy | mm_last) & ~(ld_busy & (ld_bank == a_mm.bank)) & ~misc_busy)
+            with m.Default():
+                m.d.comb += can.eq(all_idle)
+        m.d.comb += issue.eq(busy & ivalid & can)
+
+        with m.If(issue & (op == Opcode.HALT)):
+            m.d.sync += [busy.eq(0), done.eq(1)]
+
+        # -- loader ------------------------------------------------------------------------------------
+        with m.If(issue & (op == Opcode.PRELOAD)):
+            m.d.sync += [ld_busy.eq(1), ld_bank.eq(a_pre.bank), ld_addr.eq(a_pre.w_addr),
+                         ld_n.eq(a_pre.n_rows), ld_idx.eq(0)]
+        reading = ld_busy & (ld_idx < R)
+        with m.If(reading):
+            m.d.comb += wmem_r.addr.eq(ld_addr + ld_idx)
+            m.d.sync += [ld_idx.eq(ld_idx + 1), ld_wr.eq(1), ld_wr_idx.eq(ld_idx), ld_wr_zero.eq(ld_idx >= ld_n)]
+        with m.Else():
+            m.d.sync += ld_wr.eq(0)
+        with m.If(ld_busy & ~reading & ld_wr):
+            m.d.sync += ld_busy.eq(0)  # last row is written this cycle
+
+        # -- matmul engine: address generation ---------------------------------------------------------
+        mm_valid = Signal()
+        mm_inside = Signal()
+        with m.If(issue & (op == Opcode.MATMUL)):
+            m.d.sync += [
+                mm_busy.eq(1),
+                mm["bank"].eq(a_mm.bank), mm["acc_mode"].eq(a_mm.accumulate), mm["a_signed"].eq(a_mm.a_signed),
+                mm["in_h"].eq(a_mm.in_h), mm["in_w"].eq(a_mm.in_w), mm["out_h"].eq(a_mm.out_h),
+                mm["out_w"].eq(a_mm.out_w), mm["stride_h"].eq(a_mm.stride_h), mm["stride_w"].eq(a_mm.stride_w),
+                mm["off_w"].eq(a_mm.off_w), mm["pitch"].eq(a_mm.stride_h * a_mm.in_w),
+                mm_oh.eq(0), mm_ow.eq(0), mm_ih.eq(a_mm.off_h), mm_iw.eq(a_mm.off_w),
+                mm_row.eq(a_mm.spad_base + a_mm.off_h * a_mm.in_w), mm_acc.eq(a_mm.acc_base),
+            ]
+        with m.Elif(mm_last):
+            m.d.sync += mm_busy.eq(0)
+        with m.If(mm_busy):
+            m.d.comb += [
+                mm_valid.eq(1),
+                mm_inside.eq((mm_ih >= 0) & (mm_ih < mm["in_h"]) & (mm_iw >= 0) & (mm_iw < mm["in_w"])),
+                spad_r.addr.eq(mm_row + mm_iw),
+            ]
+            with m.If(~(issue & (op == Opcode.MATMUL))):
+                m.d.sync += mm_acc.eq(mm_acc + 1)
+                with m.If(mm_ow == mm["out_w"] - 1):
+                    m.d.sync += [mm_ow.eq(0), mm_iw.eq(mm["off_w"]), mm_oh.eq(mm_oh + 1),
+                                 mm_ih.eq(mm_ih + mm["stride_h"]), mm_row.eq(mm_row + mm["pitch"])]
+                with m.Else():
+                    m.d.sync += [mm_ow.eq(mm_ow + 1), mm_iw.eq(mm_iw + mm["stride_w"])]
+
+        for b in range(2):
+            with m.If(mm_valid & (mm["bank"] == b)):
+                m.d.sync += drain[b].eq(timing.matmul_drain(cfg))
+            with m.Elif(drain[b] != 0):
+                m.d.sync += drain[b].eq(drain[b] - 1)
+        with m.If(mm_valid):
+            m.d.sync += pipe_cnt.eq(timing.matmul_latency(cfg) - 1)
+        with m.Elif(pipe_cnt != 0):
+            m.d.sync += pipe_cnt.eq(pipe_cnt - 1)
+
+        # Stage B (spad data arrives): mask + extend, register into the array edge (stage C).
+        ctl_layout = data.StructLayout({"valid": 1, "acc": 1, "addr": cfg.acc_addr_bits})
+        ctl_a = Signal(ctl_layout)
+        m.d.comb += [ctl_a.valid.eq(mm_valid), ctl_a.acc.eq(mm["acc_mode"]), ctl_a.addr.eq(mm_acc)]
+        ctl_b = Signal(ctl_layout)
+        inside_b = Signal()
+        bank_b = Signal()
+        signed_b = Signal()
+        m.d.sync += [ctl_b.eq(ctl_a), inside_b.eq(mm_inside), bank_b.eq(mm["bank"]), signed_b.eq(mm["a_signed"])]
+
+        m.submodules.array = arr = SystolicArray(cfg)
+        spad_view = data.View(isa.spad_row_layout(cfg), spad_r.data)
+        ctl_c = Signal(ctl_layout)
+        m.d.sync += [ctl_c.eq(ctl_b), arr.a_bank.eq(bank_b)]
+        for r in range(R):
+            m.d.sync += arr.a_vec[r].eq(Mux(inside_b, _ext(spad_view[r], signed_b, A), 0))
+
+        # Weight writes from the loader.
+        wrow = data.View(isa.wmem_row_layout(cfg), wmem_r.data)
+        m.d.comb += [arr.w_we.eq(ld_wr), arr.w_bank.eq(ld_bank), arr.w_row_idx.eq(ld_wr_idx)]
+        for c in range(C):
+            m.d.comb += arr.w_row[c].eq(Mux(ld_wr_zero, 0, wrow[c]))
+
+        # Array output (aligned) with its control; register once more while acc is read.
+        ctl_d = delay(m, ctl_c, SystolicArray.latency(cfg), "ctl")
+        ctl_e = Signal(ctl_layout)
+        psum_e = Signal(data.ArrayLayout(signed(cfg.acc_width), C))
+        m.d.sync += [ctl_e.eq(ctl_d), psum_e.eq(arr.psum)]
+
+        # -- post engine ---------------------------------------------------------------------------------
+        po = {n: Signal(shape, name=f"po_{n}") for n, shape in (
+            ("acc_base", cfg.acc_addr_bits), ("spad_base", cfg.spad_addr_bits), ("n", cfg.acc_addr_bits + 1),
+            ("src", cfg.lane_bits), ("dst", cfg.lane_bits), ("nl", cfg.lane_bits),
+            ("zp", signed(A + 1)), ("lo", signed(A + 1)), ("hi", signed(A + 1)),
+            ("res_en", 1), ("res_signed", 1), ("res_base", cfg.spad_addr_bits),
+            ("param_addr", cfg.param_addr_bits))}
+        po_busy = Signal()  # issuing reads
+        po_i = Signal(cfg.acc_addr_bits + 1)
+        po_tail = Signal(range(RequantLane.LATENCY + 3))
+        with m.If(issue & (op == Opcode.POST)):
+            m.d.sync += [po_busy.eq(1), po_i.eq(0)]
+            for n, src in (("acc_base", a_post.acc_base), ("spad_base", a_post.spad_base), ("n", a_post.n),
+                           ("src", a_post.src_lane), ("dst", a_post.dst_lane), ("nl", a_post.n_lanes),
+                           ("zp", a_post.zp), ("lo", a_post.lo), ("hi", a_post.hi), ("res_en", a_post.res_en),
+                           ("res_signed", a_post.res_signed), ("res_base", a_post.res_base),
+                           ("param_addr", a_post.param_addr)):
+                m.d.sync += po[n].eq(src)
+        po_rd = po_busy
+        with m.If(busy):
+            m.d.comb += param_r.addr.eq(po["param_addr"])
+        with m.If(po_rd):
+            m.d.comb += [acc_r.addr.eq(po["acc_base"] + po_i), spad_r.addr.eq(po["res_base"] + po_i)]
+            m.d.sync += po_i.eq(po_i + 1)
+            with m.If(po_i == po["n"] - 1):
+                m.d.sync += [po_busy.eq(0), po_tail.eq(RequantLane.LATENCY + 1)]
+        with m.Elif(po_tail != 0):
+            m.d.sync += po_tail.eq(po_tail - 1)
+        po_valid = delay(m, po_rd, 1 + RequantLane.LATENCY, "po_v")
+        po_waddr = delay(m, (po["spad_base"] + po_i)[:cfg.spad_addr_bits], 1 + RequantLane.LATENCY, "po_a")
+
+        acc_view = data.View(isa.acc_row_layout(cfg), acc_r.data)
+        prow = data.View(isa.param_row_layout(cfg), param_r.data)
+        res_view = data.View(isa.spad_row_layout(cfg), spad_r.data)
+        res_lanes = Array(_ext(res_view[r], po["res_signed"], A) for r in range(R))
+        ys = []
+        for c in range(C):
+            lane = RequantLane(cfg)
+            m.submodules[f"rq{c}"] = lane
+            # Residual for acc lane c sits in spad lane c - src + dst.
+            rl = Signal(signed(cfg.lane_bits + 2), name=f"rl{c}")
+            m.d.comb += rl.eq(c - po["src"] + po["dst"])
+            res_val = Mux(po["res_en"] & (rl >= 0) & (rl < R), res_lanes[rl[:max(1, (R - 1).bit_length())]], 0)
+            m.d.comb += [
+                lane.acc.eq(acc_view[c]), lane.res.eq(res_val),
+                lane.bias.eq(prow[c].bias), lane.mult.eq(prow[c].mult), lane.res_mult.eq(prow[c].res_mult),
+                lane.shift.eq(prow[c].shift), lane.zp.eq(po["zp"]), lane.lo.eq(po["lo"]), lane.hi.eq(po["hi"]),
+            ]
+            ys.append(lane.y[:A])
+        y_arr = Array(ys)
+        po_wdata = Signal(cfg.spad_row_bits)
+        po_wen = Signal(R)
+        po_wrow = data.View(isa.spad_row_layout(cfg), po_wdata)
+        for r in range(R):
+            sl = Signal(signed(cfg.lane_bits + 2), name=f"sl{r}")
+            m.d.comb += sl.eq(r - po["dst"] + po["src"])
+            m.d.comb += [
+                po_wrow[r].eq(y_arr[sl[:max(1, (C - 1).bit_length())]]),
+                po_wen[r].eq((r >= po["dst"]) & (r < po["dst"] + po["nl"])),
+            ]
+
+        # -- pool engine ---------------------------------------------------------------------------------
+        pl = {n: Signal(shape, name=f"pl_{n}") for n, shape in (
+            ("avg", 1), ("a_signed", 1), ("in_h", cfg.dim_bits), ("in_w", cfg.dim_bits),
+            ("out_h", cfg.dim_bits), ("out_w", cfg.dim_bits), ("k_h", isa.KERNEL_BITS), ("k_w", isa.KERNEL_BITS),
+            ("stride_h", isa.STRIDE_BITS), ("stride_w", isa.STRIDE_BITS), ("off_w", signed(isa.OFFSET_BITS)),
+            ("dst", cfg.spad_addr_bits), ("mult", cfg.pool_mult_bits), ("shift", isa.POOL_SHIFT_BITS),
+            ("src", cfg.spad_addr_bits), ("off_h", signed(isa.OFFSET_BITS)))}
+        pl_busy = Signal()
+        pl_tail = Signal(range(8))
+        pl_oh = Signal(cfg.dim_bits)
+        pl_ow = Signal(cfg.dim_bits)
+        pl_dy = Signal(isa.KERNEL_BITS)
+        pl_dx = Signal(isa.KERNEL_BITS)
+        pl_ih0 = Signal(signed(cfg.dim_bits + isa.STRIDE_BITS + isa.OFFSET_BITS + 2))  # window row 0
+        pl_iw0 = Signal(signed(cfg.dim_bits + isa.STRIDE_BITS + isa.OFFSET_BITS + 2))
+        pl_o = Signal(cfg.spad_addr_bits)  # output address
+        with m.If(issue & (op == Opcode.POOL)):
+            m.d.sync += [pl_busy.eq(1), pl_oh.eq(0), pl_ow.eq(0), pl_dy.eq(0), pl_dx.eq(0),
+                         pl_ih0.eq(a_pool.off_h), pl_iw0.eq(a_pool.off_w), pl_o.eq(a_pool.dst_base)]
+            for n, src in (("avg", a_pool.mode == PoolMode.AVG), ("a_signed", a_pool.a_signed),
+                           ("in_h", a_pool.in_h), ("in_w", a_pool.in_w), ("out_h", a_pool.out_h),
+                           ("out_w", a_pool.out_w), ("k_h", a_pool.k_h), ("k_w", a_pool.k_w),
+                           ("stride_h", a_pool.stride_h), ("stride_w", a_pool.stride_w),
+                           ("off_w", a_pool.off_w), ("off_h", a_pool.off_h), ("dst", a_pool.dst_base),
+                           ("mult", a_pool.mult), ("shift", a_pool.shift), ("src", a_pool.src_base)):
+                m.d.sync += pl[n].eq(src)
+        pl_ih = pl_ih0 + pl_dy
+        pl_iw = pl_iw0 + pl_dx
+        pl_first = (pl_dy == 0) & (pl_dx == 0)
+        pl_lastwin = (pl_dy == pl["k_h"] - 1) & (pl_dx == pl["k_w"] - 1)
+        pl_lastpix = (pl_oh == pl["out_h"] - 1) & (pl_ow == pl["out_w"] - 1)
+        with m.If(pl_busy):
+            m.d.comb += spad_r.addr.eq(pl["src"] + pl_ih * pl["in_w"] + pl_iw)
+            with m.If(pl_dx == pl["k_w"] - 1):
+                m.d.sync += pl_dx.eq(0)
+                with m.If(pl_dy == pl["k_h"] - 1):
+                    m.d.sync += pl_dy.eq(0)
+                    with m.If(pl_ow == pl["out_w"] - 1):
+                        m.d.sync += [pl_ow.eq(0), pl_iw0.eq(pl["off_w"]), pl_oh.eq(pl_oh + 1),
+                                     pl_ih0.eq(pl_ih0 + pl["stride_h"])]
+                        with m.If(pl_lastpix):
+                            m.d.sync += [pl_busy.eq(0), pl_tail.eq(4)]
+                    with m.Else():
+                        m.d.sync += [pl_ow.eq(pl_ow + 1), pl_iw0.eq(pl_iw0 + pl["stride_w"])]
+                with m.Else():
+                    m.d.sync += pl_dy.eq(pl_dy + 1)
+            with m.Else():
+                m.d.sync += pl_dx.eq(pl_dx + 1)
+        with m.Elif(pl_tail != 0):
+            m.d.sync += pl_tail.eq(pl_tail - 1)
+        # Stage 1: data arrives; fold into max/sum.
+        pl_v1 = Signal()
+        pl_in1 = Signal()
+        pl_first1 = Signal()
+        pl_last1 = Signal()
+        m.d.sync += [pl_v1.eq(pl_busy), pl_in1.eq((pl_ih >= 0) & (pl_ih < pl["in_h"]) & (pl_iw >= 0) & (pl_iw < pl["in_w"])),
+                     pl_first1.eq(pl_first), pl_last1.eq(pl_lastwin)]
+        sum_bits = A + 1 + 2 * isa.KERNEL_BITS
+        pl_view = data.View(isa.spad_row_layout(cfg), spad_r.data)
+        pl_any = Signal()
+        pl_max = [Signal(signed(A + 1), name=f"pl_max{r}") for r in range(R)]
+        pl_sum = [Signal(signed(sum_bits), name=f"pl_sum{r}") for r in range(R)]
+        # Stage 2: the folded window of a finished pixel.
+        pl_v2 = Signal()
+        pl_any2 = Signal()
+        pl_max2 = [Signal(signed(A + 1), name=f"pl_maxo{r}") for r in range(R)]
+        pl_sum2 = [Signal(signed(sum_bits), name=f"pl_sumo{r}") for r in range(R)]
+        any_new = Mux(pl_first1, pl_in1, pl_any | pl_in1)
+        m.d.sync += pl_v2.eq(pl_v1 & pl_last1)
+        with m.If(pl_v1):
+            m.d.sync += pl_any.eq(any_new)
+            with m.If(pl_last1):
+                m.d.sync += pl_any2.eq(any_new)
+        for r in range(R):
+            x = _ext(pl_view[r], pl["a_signed"], A)
+            take = pl_in1 & (pl_first1 | ~pl_any | (x > pl_max[r]))
+            new_max = Mux(take, x, Mux(pl_first1, 0, pl_max[r]))
+            new_sum = Mux(pl_first1, 0, pl_sum[r]) + Mux(pl_in1, x, 0)
+            with m.If(pl_v1):
+                m.d.sync += [pl_max[r].eq(new_max), pl_sum[r].eq(new_sum)]
+                with m.If(pl_last1):
+                    m.d.sync += [pl_max2[r].eq(new_max), pl_sum2[r].eq(new_sum)]
+        # Stage 3: average product; stage 4: rounding shift + clamp; then write.
+        pl_v3 = Signal()
+        pl_v4 = Signal()
+        m.d.sync += [pl_v3.eq(pl_v2), pl_v4.eq(pl_v3)]
+        pl_row4 = Signal(cfg.spad_row_bits)
+        pl_view4 = data.View(isa.spad_row_layout(cfg), pl_row4)
+        lo = Mux(pl["a_signed"], -(1 << (A - 1)), 0)
+        hi = Mux(pl["a_signed"], (1 << (A - 1)) - 1, (1 << A) - 1)
+        for r in range(R):
+            prod3 = Signal(signed(sum_bits + cfg.pool_mult_bits + 1), name=f"pl_prod{r}")
+            max3 = Signal(signed(A + 1), name=f"pl_max3_{r}")
+            m.d.sync += [prod3.eq(pl_sum2[r] * pl["mult"]), max3.eq(Mux(pl_any2, pl_max2[r], 0))]
+            sh = pl["shift"]
+            half = Mux(sh == 0, 0, (Const(1, unsigned(32)) << sh) >> 1)
+            rnd = (prod3 + half - ((prod3 < 0) & (sh != 0))) >> sh
+            avg = Mux(rnd < lo, lo, Mux(rnd > hi, hi, rnd))
+            m.d.sync += pl_view4[r].eq(Mux(pl["avg"], avg, max3)[:A])
+        # Output address advances once per written pixel.
+        with m.If(pl_v4):
+            m.d.sync += pl_o.eq(pl_o + 1)
+
+        m.d.comb += misc_busy.eq(po_busy | (po_tail != 0) | pl_busy | (pl_tail != 0))
+
+        # -- spad write port: post / pool (host handled above, only while idle) -------------------------
+        with m.If(busy & po_valid):
+            m.d.comb += [spad_w.addr.eq(po_waddr), spad_w.data.eq(po_wdata), spad_w.en.eq(po_wen)]
+        with m.Elif(busy & pl_v4):
+            m.d.comb += [spad_w.addr.eq(pl_o), spad_w.data.eq(pl_row4), spad_w.en.eq(-1)]
+
+        # -- accumulator read-modify-write -----------------------------------------------------------------
+        with m.If(busy & ctl_d.valid):
+            m.d.comb += acc_r.addr.eq(ctl_d.addr)
+        old = data.View(isa.acc_row_layout(cfg), acc_r.data)
+        new = Signal(data.ArrayLayout(signed(cfg.acc_width), C))
+        for c in range(C):
+            m.d.comb += new[c].eq(Mux(ctl_e.acc, old[c], 0) + psum_e[c])
+        with m.If(busy & ctl_e.valid):
+            m.d.comb += [acc_w.addr.eq(ctl_e.addr), acc_w.data.eq(new), acc_w.en.eq(1)]
+
+        return m
