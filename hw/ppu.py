@@ -56,11 +56,15 @@ class RequantLane(wiring.Component):
         prod = Signal(signed(prod_bits))
         m.d.sync += prod.eq(t0 * self.mult + r0 * self.res_mult)
 
-        half = Signal(unsigned(prod_bits))
-        m.d.comb += half.eq(Mux(self.shift == 0, 0, (Const(1, unsigned(prod_bits)) << self.shift) >> 1))
-        neg = (prod < 0) & (self.shift != 0)
+        # A shift beyond prod_bits + 1 rounds every product to 0, exactly like prod_bits + 1 does,
+        # so saturating it keeps the rounding constant (and this stage) prod_bits + 2 wide.
+        shift = Signal(range(prod_bits + 2))
+        m.d.comb += shift.eq(Mux(self.shift > prod_bits + 1, prod_bits + 1, self.shift))
+        half = Signal(unsigned(prod_bits + 1))
+        m.d.comb += half.eq(Mux(shift == 0, 0, (Const(1, unsigned(prod_bits + 2)) << shift) >> 1))
+        neg = (prod < 0) & (shift != 0)
         rounded = Signal(signed(prod_bits))
-        m.d.sync += rounded.eq((prod + half - neg) >> self.shift)
+        m.d.sync += rounded.eq((prod + half - neg) >> shift)
 
         z = Signal(signed(prod_bits + 1))
         m.d.comb += z.eq(rounded + self.zp)

@@ -1,0 +1,34 @@
+# Quarry front door. Every target sets itself up: creates .venv if absent and installs the
+# project into it (pyproject.toml is the only list of dependencies).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.quarry-installed
+N      ?= 1000
+SEED   ?= 1
+
+.PHONY: setup demo test test-all fuzz clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev,data]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -c "import hw, sim, compiler, boards, torch, amaranth, cocotb"
+	$(PY) -c "from sim.verilator import ensure_verilator; ensure_verilator()"
+	@touch $(STAMP)
+
+## make demo: the main job on the bundled default
+demo: setup
+	$(PY) -m sim.demo
+
+## make test: the test suite (unit, golden, Amaranth-sim and Verilator system tests)
+test: setup
+	$(PY) -m pytest -n 2 -q tests
+
+## make fuzz N=10000: random programs x configs, RTL (Verilator) against the golden model
+fuzz: setup
+	$(PY) -m sim.fuzz --n $(N) --seed $(SEED)
+
+clean:
+	rm -rf build .pytest_cache
