@@ -135,6 +135,18 @@ def _row_bytes(bits: int) -> int:
     return -(-bits // 8)
 
 
+def _expected_size(header_bytes: bytes, body_start: int) -> int | None:
+    """File size an (unverified) header implies, or None if the header does not parse."""
+    try:
+        h = json.loads(header_bytes)
+        cfg = AccelConfig.from_dict(h["config"])
+        n = body_start + h["n_instr"] * isa.instr_bits(cfg) // 8
+        n += sum(s["rows"] * _row_bytes(s["row_bits"]) for s in h.get("images", {}).values())
+        return n + 32
+    except Exception:  # any malformed header: fall back to the plain checksum message
+        return None
+
+
 @dataclass
 class Program:
     """A program for one :class:`AccelConfig`.
@@ -204,6 +216,11 @@ class Program:
         if hstart + hlen + 32 > len(blob):
             raise ProgramError(f"truncated program: header says {hlen} bytes, file has {len(blob) - hstart - 32}")
         if hashlib.sha256(blob[:-32]).digest() != blob[-32:]:
+            # A file cut after its header also fails the checksum; say "truncated" when the
+            # header's own sizes show the file is too short.
+            need = _expected_size(blob[hstart:hstart + hlen], hstart + hlen)
+            if need is not None and len(blob) < need:
+                raise ProgramError(f"truncated program: expected {need} bytes, found {len(blob)} (checksum mismatch)")
             raise ProgramError("corrupt program: checksum mismatch")
         try:
             header = json.loads(blob[hstart:hstart + hlen])
@@ -257,3 +274,40 @@ class Program:
         except OSError as e:
             raise ProgramError(f"cannot read program {path}: {e.strerror}") from None
         return cls.from_bytes(blob, config)
+
+
+# -- model I/O (the manifest's "input" / "output" entries, written by compiler.lower) -------------
+
+def quantize_input(program: Program, x: np.ndarray) -> tuple[int, np.ndarray]:
+    """Quantize a float (C, H, W) input as the compiled model expects and lay it out in spad
+    channel blocks. Returns (first spad row, raw rows (n, rows))."""
+    cfg = program.config
+    spec = program.manifest["input"]
+    c, h, w = spec["shape"]
+    x = np.asarray(x, dtype=np.float64).reshape(c, h, w)
+    a = cfg.a_bits
+    lo, hi = (-(1 << (a - 1)), (1 << (a - 1)) - 1) if spec["signed"] else (0, (1 << a) - 1)
+    q = np.clip(np.round(x / spec["scale"]), lo, hi).astype(np.int64)
+    nb = -(-c // cfg.rows)
+    rows = np.zeros((nb, h * w, cfg.rows), np.int64)
+    for b in range(nb):
+        blk = q[b * cfg.rows:(b + 1) * cfg.rows].reshape(-1, h * w).T
+        rows[b, :, :blk.shape[1]] = blk
+    return spec["spad_base"], rows.reshape(nb * h * w, cfg.rows) & ((1 << a) - 1)
+
+
+def output_region(program: Program) -> tuple[int, int]:
+    """(first acc row, row count) holding the model's raw output accumulators."""
+    o = program.manifest["output"]
+    return o["acc_base"], o["blocks"] * o["h"] * o["w"]
+
+
+def decode_output(program: Program, acc_rows: np.ndarray) -> np.ndarray:
+    """Float outputs (channels, h, w) from the raw accumulator rows of :func:`output_region`."""
+    cfg = program.config
+    o = program.manifest["output"]
+    hw_ = o["h"] * o["w"]
+    acc = np.asarray(acc_rows, np.int64).reshape(o["blocks"], hw_, cfg.cols)
+    acc = acc.transpose(0, 2, 1).reshape(o["blocks"] * cfg.cols, hw_)[:o["channels"]]
+    vals = (acc + np.asarray(o["bias_q"])[:, None]) * np.asarray(o["scales"])[:, None]
+    return vals.reshape(o["channels"], o["h"], o["w"])
