@@ -68,6 +68,21 @@ class ProgramBuilder:
         self.add(k, name)
         return y
 
+    def conv2d_to_acc(self, x: SpadTensor, w, *, stride=(1, 1), padding=(0, 0), groups: int = 1,
+                      acc_base: int = 0, name: str = "conv") -> dict:
+        """A conv whose raw accumulators stay in acc (block ``j`` at ``acc_base + j*oh*ow``)."""
+        w = np.asarray(w)
+        kh, kw = w.shape[2:]
+        oh = (x.h + 2 * padding[0] - kh) // stride[0] + 1
+        ow = (x.w + 2 * padding[1] - kw) // stride[1] + 1
+        zero = Requant(bias=0, mult=0, shift=0, zp=0, lo=0, hi=0)
+        k = conv2d(self.cfg, x, SpadTensor(0, w.shape[0], oh, ow), w, zero, stride=stride, padding=padding,
+                   groups=groups, w_base=self._w_rows, acc_base=acc_base, acc_out=True)
+        k.params = None
+        self.add(k, name)
+        return {"acc_base": acc_base, "channels": int(w.shape[0]), "h": oh, "w": ow,
+                "blocks": -(-int(w.shape[0]) // self.cfg.cols)}
+
     def pool2d(self, x: SpadTensor, mode: PoolMode, kernel, *, stride=None, padding=(0, 0),
                name: str = "pool") -> SpadTensor:
         kh, kw = kernel

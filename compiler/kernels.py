@@ -91,24 +91,28 @@ def _post_segments(cfg: AccelConfig, j: int, cout: int):
 
 def conv2d(cfg: AccelConfig, x: SpadTensor, y: SpadTensor, w: np.ndarray, rq: Requant, *,
            stride=(1, 1), padding=(0, 0), groups: int = 1, w_base: int = 0, param_base: int = 0,
-           acc_base: int = 0, acc_rows: int | None = None, residual: SpadTensor | None = None) -> Kernel:
+           acc_base: int = 0, acc_rows: int | None = None, residual: SpadTensor | None = None,
+           acc_out: bool = False) -> Kernel:
     """Convolution (and, with a 1x1 kernel on a 1xM image, a GEMM) into ``y``.
 
     ``w`` has shape (Cout, Cin/groups, kh, kw), signed integers of ``cfg.w_bits``. For each
     output-channel block, every (tap, input-channel block) weight tile that is not all zero is
     preloaded (alternating banks so loads overlap the previous tile's streaming) and streamed
     over the output pixels, accumulating in acc; then POST writes the block to ``y``.
+
+    With ``acc_out`` there is no POST: output block ``j`` stays in acc rows
+    ``acc_base + j*oh*ow ..`` (raw accumulators, e.g. a classifier's logits); ``y`` is ignored.
     """
     R, C = cfg.rows, cfg.cols
     w = np.asarray(w, np.int64)
     cout, cin_g, kh, kw = w.shape
     sh, sw = stride
     ph, pw = padding
-    if x.c != cin_g * groups or cout % groups or y.c != cout:
+    if x.c != cin_g * groups or cout % groups or (not acc_out and y.c != cout):
         raise KernelError(f"conv shapes disagree: x has {x.c} channels, w {w.shape}, groups {groups}, y {y.c}")
     oh = (x.h + 2 * ph - kh) // sh + 1
     ow = (x.w + 2 * pw - kw) // sw + 1
-    if (oh, ow) != (y.h, y.w):
+    if not acc_out and (oh, ow) != (y.h, y.w):
         raise KernelError(f"conv output is {oh}x{ow}, y is {y.h}x{y.w}")
     # Dense (Cout, Cin, kh, kw) weights, zero outside each output channel's group.
     dense = np.zeros((cout, x.c, kh, kw), np.int64)
@@ -119,6 +123,9 @@ def conv2d(cfg: AccelConfig, x: SpadTensor, y: SpadTensor, w: np.ndarray, rq: Re
     if ow > acc_rows:
         raise KernelError(f"one output row ({ow} pixels) does not fit the {acc_rows} acc rows available")
     rows_per_chunk = min(oh, acc_rows // ow)
+    n_blocks = -(-cout // C)
+    if acc_out and n_blocks * oh * ow > acc_rows:
+        raise KernelError(f"acc output needs {n_blocks * oh * ow} acc rows, {acc_rows} available")
     k = Kernel(params=_param_rows(cfg, rq, cout))
     wrows = []
     wcount = 0
@@ -142,6 +149,7 @@ def conv2d(cfg: AccelConfig, x: SpadTensor, y: SpadTensor, w: np.ndarray, rq: Re
             r1 = min(oh, r0 + rows_per_chunk)
             top = r0 * sh - ph  # input row of window tap 0 for output row r0
             skip = max(0, top)
+            base = acc_base + j * oh * ow if acc_out else acc_base
             for t, (dy, dx, cb, woff, rows) in enumerate(tiles):
                 bank = tile % 2
                 tile += 1
@@ -150,7 +158,9 @@ def conv2d(cfg: AccelConfig, x: SpadTensor, y: SpadTensor, w: np.ndarray, rq: Re
                     bank=bank, accumulate=t > 0, a_signed=x.signed,
                     spad_base=x.block_base(cfg, cb) + skip * x.w, in_h=x.h - skip, in_w=x.w,
                     out_h=r1 - r0, out_w=ow, stride_h=sh, stride_w=sw,
-                    off_h=top - skip + dy, off_w=dx - pw, acc_base=acc_base))
+                    off_h=top - skip + dy, off_w=dx - pw, acc_base=base))
+            if acc_out:
+                continue
             for src, b, dst, n in _post_segments(cfg, j, cout):
                 k.instrs.append(isa.post(
                     acc_base=acc_base, spad_base=y.block_base(cfg, b) + r0 * ow, n=(r1 - r0) * ow,
