@@ -28,7 +28,7 @@ test: setup
 
 ## make fuzz N=10000: random programs x configs, RTL (Verilator) against the golden model
 fuzz: setup
-	$(PY) -m sim.fuzz --n $(N) --seed $(SEED)
+	$(PY) -m pytest -q -s tests/test_rtl_system.py -k fuzz --fuzz-n $(N) --fuzz-seed $(SEED)
 
 clean:
 	rm -rf build .pytest_cache

@@ -28,7 +28,7 @@ from . import CompileError, data, zoo
 from .frontend import UnsupportedOpError
 from .kernels import KernelError
 from .lower import LowerError
-from .quantize import METHODS, QuantError
+from .quantize import METHODS, QuantError, QuantOptions
 
 
 def load_model(spec: str, dataset: str | None):
@@ -38,9 +38,15 @@ def load_model(spec: str, dataset: str | None):
         mod, _, fn = spec.partition(":")
         try:
             factory = getattr(importlib.import_module(mod), fn)
-        except (ImportError, AttributeError) as e:
-            raise CompileError(f"cannot load model factory {spec!r}: {e}") from None
-        return factory()
+        except Exception as e:  # noqa: BLE001 - ImportError, AttributeError, or the module's own error
+            raise CompileError(f"cannot load model factory {spec!r}: {type(e).__name__}: {e}") from None
+        try:
+            model = factory()
+        except Exception as e:  # noqa: BLE001 - user code
+            raise CompileError(f"model factory {spec!r} failed: {type(e).__name__}: {e}") from None
+        if not isinstance(model, torch.nn.Module):
+            raise CompileError(f"model factory {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
+        return model
     try:
         obj = torch.load(spec, weights_only=False)
     except (OSError, RuntimeError, EOFError, ValueError) as e:
@@ -99,6 +105,14 @@ def main(argv=None) -> int:
             raise CompileError(f"--calib must be >= 1, not {args.calib}")
         if args.data is None and args.input_shape is None and args.model not in zoo.MODELS:
             raise CompileError("give --data (mnist, fashion) or --input-shape CxHxW for calibration")
+        # Check every option before loading (maybe training) the model, so a bad one writes nothing.
+        if args.data is not None and args.data not in data.DATASETS:
+            raise data.DataError(f"unknown data set {args.data!r} (known: {', '.join(data.DATASETS)})")
+        if args.input_shape is not None:
+            parse_shape(args.input_shape)
+        QuantOptions(method=args.method, weight_method=args.weight_method, bias_correction=args.bias_correction)
+        if args.out.exists() and not args.out.is_dir():
+            raise CompileError(f"--out {args.out} exists and is not a directory")
         model = load_model(args.model, args.data)
         if args.data or args.input_shape is None:
             xtr = data.load(args.data or "mnist")[0]
@@ -113,13 +127,18 @@ def main(argv=None) -> int:
                              weight_method=args.weight_method)
         secs = time.perf_counter() - t0
     except (ConfigError, CompileError, UnsupportedOpError, QuantError, LowerError, KernelError, data.DataError) as e:
-        print(f"python -m compiler: error: {e}", file=sys.stderr)
+        print(f"python -m compiler: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
         return 2
-    report = {"model": args.model, "config": cfg.to_dict(), "config_hash": cfg.hash, "method": args.method,
+    report = {"model": args.model, "data": args.data or ("mnist" if args.input_shape is None else None),
+              "config": cfg.to_dict(), "config_hash": cfg.hash, "method": args.method,
               "bias_correction": args.bias_correction, "calibration": {"images": len(calib), "kind": calib_kind},
               "compile_seconds": round(secs, 3), "instructions": len(prog.instrs),
               "wmem_rows": len(prog.images.get("wmem", [])), "macs": prog.manifest["macs"]}
-    write_outputs(prog, args.out, report)
+    try:
+        write_outputs(prog, args.out, report)
+    except OSError as e:
+        print(f"python -m compiler: error: cannot write {args.out}: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     print(f"compiled {args.model} for {cfg.describe()} ({args.method}, {len(calib)} calibration images, "
           f"{calib_kind}) in {secs:.2f} s: {len(prog.instrs)} instructions, "
           f"{report['wmem_rows']} weight rows -> {args.out}")

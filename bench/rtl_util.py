@@ -1,0 +1,97 @@
+"""RTL utilisation of GEMMs on the generated accelerator (Verilator), and Verilog generation cost.
+
+For arrays 4x4 and 8x8: GEMMs (M x K) @ (K x N) with K, N multiples of the array, M >= 256, run
+on the RTL; utilisation = M*K*N / (RTL cycles * rows * cols). Two variants:
+
+* ``to_acc`` — results stay in the accumulator memory (raw int sums, as a GEMM kernel or a
+  classifier's logits would be read);
+* ``requant`` — every output block is requantized by POST into the scratchpad (as a conv layer
+  is); POST does not overlap the next block's MATMULs yet, which costs M + 6 cycles per block.
+
+Also: Verilog generation seconds and peak memory of ``python -m hw.build --pe 16x16 --bits 4``.
+"""
+
+from __future__ import annotations
+
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from compiler.builder import ProgramBuilder
+from compiler.kernels import Requant
+from hw.config import AccelConfig
+from hw.isa import HostMem
+from sim.golden import Machine
+from sim.verilator import Job, build
+
+ARRAYS = ((4, 4), (8, 8))
+
+
+def _gemm_program(cfg: AccelConfig, m: int, k: int, n: int, to_acc: bool, rng):
+    b = ProgramBuilder(cfg)
+    x = b.tensor(k, 1, m)
+    w = rng.integers(-(1 << (cfg.w_bits - 1)), 1 << (cfg.w_bits - 1), (n, k, 1, 1))
+    if to_acc:
+        b.conv2d_to_acc(x, w)
+    else:
+        rq = Requant(bias=np.zeros(n, np.int64), mult=np.full(n, 1 << 10), shift=np.full(n, 20), zp=0,
+                     lo=0, hi=(1 << cfg.a_bits) - 1)
+        b.conv2d(x, w, rq)
+    prog = b.build()
+    xs = rng.integers(0, 1 << cfg.a_bits, (x.rows(cfg), cfg.rows))
+    return prog, x, xs
+
+
+def gemm_utilisation(quick: bool = False) -> list[dict]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for r, c in ARRAYS:
+        cfg = AccelConfig(rows=r, cols=c, w_bits=8, a_bits=8, spad_depth=4096, acc_depth=2048,
+                          wmem_depth=1024, imem_depth=512, param_depth=16)
+        rtl = build(cfg)
+        shapes = [(256, 4 * r, 4 * c)] if quick else [(256, 4 * r, 4 * c), (512, 8 * r, 4 * c), (256, 16 * r, 2 * c)]
+        for m, k, n in shapes:
+            for to_acc in (True, False):
+                prog, x, xs = _gemm_program(cfg, m, k, n, to_acc, rng)
+                gold = Machine(cfg)
+                gold.spad[x.base:x.base + len(xs)] = xs
+                pred = gold.run(prog).cycles
+                res = rtl.run([Job(prog, [(HostMem.SPAD, x.base, xs)], [(HostMem.ACC, 0, 1)])])[0]
+                util = m * k * n / (res.cycles * r * c)
+                rows.append({"array": f"{r}x{c}", "M": m, "K": k, "N": n, "variant": "to_acc" if to_acc else "requant",
+                             "rtl_cycles": res.cycles, "predicted_cycles": pred, "ideal_cycles": m * k * n // (r * c),
+                             "utilisation": round(util, 4)})
+                print(f"  {r}x{c} GEMM {m}x{k}x{n} {rows[-1]['variant']:8s}: {res.cycles} RTL cycles "
+                      f"(model {pred}), utilisation {util:.1%}", flush=True)
+    return rows
+
+
+def verilog_generation() -> dict:
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c",
+                          "import resource, time; from hw.config import AccelConfig; from hw.build import generate; "
+                          "t=time.perf_counter(); v=generate(AccelConfig(rows=16, cols=16, w_bits=4, a_bits=4)); "
+                          "print(time.perf_counter()-t, v.count(chr(10)), "
+                          "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
+                         capture_output=True, text=True, check=True)
+    gen_s, lines, rss_kb = out.stdout.split()
+    return {"config": "16x16 W4A4", "generation_seconds": round(float(gen_s), 2), "verilog_lines": int(lines),
+            "peak_rss_mb": round(int(rss_kb) / 1024, 1), "wall_seconds": round(time.perf_counter() - t0, 2)}
+
+
+def run(quick: bool = False) -> dict:
+    print("GEMM utilisation on the RTL (Verilator):", flush=True)
+    util = gemm_utilisation(quick)
+    print("Verilog generation 16x16 W4A4:", flush=True)
+    gen = verilog_generation()
+    print(f"  {gen['generation_seconds']} s, {gen['verilog_lines']} lines, peak {gen['peak_rss_mb']} MB", flush=True)
+    return {"gemm": util, "verilog_generation": gen}
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(run("--quick" in sys.argv), indent=1))
