@@ -49,7 +49,7 @@ def gemm_utilisation(quick: bool = False) -> list[dict]:
     rng = np.random.default_rng(0)
     rows = []
     for r, c in ARRAYS:
-        cfg = AccelConfig(rows=r, cols=c, w_bits=8, a_bits=8, spad_depth=4096, acc_depth=2048,
+        cfg = AccelConfig(rows=r, cols=c, w_bits=8, a_bits=8, spad_depth=8192, acc_depth=2048,
                           wmem_depth=1024, imem_depth=512, param_depth=16)
         rtl = build(cfg)
         shapes = [(256, 4 * r, 4 * c)] if quick else [(256, 4 * r, 4 * c), (512, 8 * r, 4 * c), (256, 16 * r, 2 * c)]

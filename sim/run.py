@@ -103,8 +103,10 @@ def run_verilator(prog: Program, images, *, rom: bool = True, chunk: int = 10, p
     cfg = prog.config
     wmem, param = (prog.images.get("wmem"), prog.images.get("param")) if rom else (None, None)
     old = os.environ.get("MAKEFLAGS")
-    if optimize and "OPT_FAST=" not in (old or ""):
-        os.environ["MAKEFLAGS"] = f"{old or ''} OPT_FAST=-O2".strip()
+    if optimize:
+        # Replace whatever OPT_FAST an earlier ensure_verilator() put there (it defaults to -O0).
+        words = [w for w in (old or "").split() if not w.startswith("OPT_FAST=")]
+        os.environ["MAKEFLAGS"] = " ".join(words + ["OPT_FAST=-O2"])
     try:
         if verilog is not None:
             rtl = build_from_verilog(cfg, verilog, wmem_init=wmem, param_init=param)
