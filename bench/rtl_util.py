@@ -13,7 +13,6 @@ Also: Verilog generation seconds and peak memory of ``python -m hw.build --pe 16
 
 from __future__ import annotations
 
-import resource
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from hw.isa import HostMem
 from sim.golden import Machine
 from sim.verilator import Job, build
 
+DESCRIPTION = "GEMM utilisation on the RTL under Verilator (4x4, 8x8) and 16x16 Verilog generation cost"
 ARRAYS = ((4, 4), (8, 8))
 
 
@@ -45,7 +45,7 @@ def _gemm_program(cfg: AccelConfig, m: int, k: int, n: int, to_acc: bool, rng):
     return prog, x, xs
 
 
-def gemm_utilisation(quick: bool = False) -> list[dict]:
+def gemm_utilisation(quick: bool = False, log=print) -> list[dict]:
     rng = np.random.default_rng(0)
     rows = []
     for r, c in ARRAYS:
@@ -64,8 +64,8 @@ def gemm_utilisation(quick: bool = False) -> list[dict]:
                 rows.append({"array": f"{r}x{c}", "M": m, "K": k, "N": n, "variant": "to_acc" if to_acc else "requant",
                              "rtl_cycles": res.cycles, "predicted_cycles": pred, "ideal_cycles": m * k * n // (r * c),
                              "utilisation": round(util, 4)})
-                print(f"  {r}x{c} GEMM {m}x{k}x{n} {rows[-1]['variant']:8s}: {res.cycles} RTL cycles "
-                      f"(model {pred}), utilisation {util:.1%}", flush=True)
+                log(f"  {r}x{c} GEMM {m}x{k}x{n} {rows[-1]['variant']:8s}: {res.cycles} RTL cycles "
+                    f"(model {pred}), utilisation {util:.1%}")
     return rows
 
 
@@ -82,16 +82,46 @@ def verilog_generation() -> dict:
             "peak_rss_mb": round(int(rss_kb) / 1024, 1), "wall_seconds": round(time.perf_counter() - t0, 2)}
 
 
-def run(quick: bool = False) -> dict:
-    print("GEMM utilisation on the RTL (Verilator):", flush=True)
-    util = gemm_utilisation(quick)
-    print("Verilog generation 16x16 W4A4:", flush=True)
+def run(ctx) -> dict:
+    ctx.log("GEMM utilisation on the RTL (Verilator):")
+    util = gemm_utilisation(ctx.quick, ctx.log)
+    ctx.log("Verilog generation 16x16 W4A4:")
     gen = verilog_generation()
-    print(f"  {gen['generation_seconds']} s, {gen['verilog_lines']} lines, peak {gen['peak_rss_mb']} MB", flush=True)
+    ctx.log(f"  {gen['generation_seconds']} s, {gen['verilog_lines']} lines, peak {gen['peak_rss_mb']} MB")
     return {"gemm": util, "verilog_generation": gen}
 
 
-if __name__ == "__main__":
-    import json
+def markdown(res: dict, meta: dict) -> str:
+    lines = ["# RTL GEMM utilisation (Verilator)", "",
+             f"Measured {meta.get('date', '')} at {meta.get('git', {}).get('revision', '')}.", "",
+             "| array | M x K x N | variant | RTL cycles | model cycles | ideal | utilisation |",
+             "|---|---|---|---|---|---|---|"]
+    for g in res["gemm"]:
+        lines.append(f"| {g['array']} | {g['M']}x{g['K']}x{g['N']} | {g['variant']} | {g['rtl_cycles']} | "
+                     f"{g['predicted_cycles']} | {g['ideal_cycles']} | {g['utilisation']:.1%} |")
+    v = res["verilog_generation"]
+    lines += ["", f"Verilog generation ({v['config']}): {v['generation_seconds']} s, {v['verilog_lines']} lines, "
+              f"peak RSS {v['peak_rss_mb']} MB.", "",
+              "`requant` pays M + 6 cycles of POST per output block: POST does not yet overlap the next "
+              "block's MATMULs."]
+    return "\n".join(lines) + "\n"
 
-    print(json.dumps(run("--quick" in sys.argv), indent=1))
+
+def plot(res: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .common import save_figure
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    labels = [f"{g['array']}\n{g['M']}x{g['K']}x{g['N']}\n{g['variant']}" for g in res["gemm"]]
+    ax.bar(range(len(labels)), [100 * g["utilisation"] for g in res["gemm"]],
+           color=["tab:blue" if g["variant"] == "to_acc" else "tab:orange" for g in res["gemm"]])
+    ax.axhline(90, color="gray", ls="--", lw=1)
+    ax.set_xticks(range(len(labels)), labels, fontsize=6)
+    ax.set_ylabel("PE utilisation (%)")
+    ax.set_title("GEMM on the RTL (Verilator): MACs / (cycles x rows x cols)")
+    save_figure(fig, path)
+    plt.close(fig)

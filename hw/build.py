@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -69,18 +67,12 @@ def build(cfg: AccelConfig, out: Path, rom: Path | None = None) -> dict:
         "generation_seconds": round(seconds, 3),
         "rom": str(rom) if rom else None,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    from .program import atomic_dir
+
+    with atomic_dir(out) as tmp:
         (tmp / "quarry_top.v").write_text(text)
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
         (tmp / "build.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return info
 
 

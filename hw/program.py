@@ -16,9 +16,11 @@ host, the golden model and the RTL agree on every bit.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import struct
 import tempfile
 from dataclasses import dataclass, field
@@ -32,7 +34,7 @@ from . import isa
 from .config import AccelConfig, ConfigError
 
 __all__ = ["Program", "ProgramError", "FORMAT_VERSION", "pack_rows", "unpack_rows", "IMAGE_LAYOUTS",
-           "atomic_write", "write_readmemh"]
+           "atomic_write", "atomic_dir", "write_readmemh"]
 
 MAGIC = b"QUARRYPG"
 FORMAT_VERSION = 1
@@ -123,6 +125,23 @@ def atomic_write(path, payload: bytes | str) -> None:
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(out):
+    """Fill a temporary sibling of directory ``out``, then swap it in; on any error nothing is
+    left behind and an existing ``out`` is untouched. Yields the temporary directory."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -280,7 +299,9 @@ class Program:
 
 def quantize_input(program: Program, x: np.ndarray) -> tuple[int, np.ndarray]:
     """Quantize a float (C, H, W) input as the compiled model expects and lay it out in spad
-    channel blocks. Returns (first spad row, raw rows (n, rows))."""
+    channel blocks (im2col'd first if the manifest's ``input.im2col`` says so: channel
+    ``c*kh*kw + dy*kw + dx`` of output pixel (i, j) is input (c, i*sh + dy - ph, j*sw + dx - pw),
+    zero outside). Returns (first spad row, raw rows (n, rows))."""
     cfg = program.config
     spec = program.manifest["input"]
     c, h, w = spec["shape"]
@@ -288,6 +309,14 @@ def quantize_input(program: Program, x: np.ndarray) -> tuple[int, np.ndarray]:
     a = cfg.a_bits
     lo, hi = (-(1 << (a - 1)), (1 << (a - 1)) - 1) if spec["signed"] else (0, (1 << a) - 1)
     q = np.clip(np.round(x / spec["scale"]), lo, hi).astype(np.int64)
+    if "im2col" in spec:
+        (kh, kw), (sh, sw), (ph, pw) = (spec["im2col"][k] for k in ("kernel", "stride", "padding"))
+        _, oh, ow = spec["im2col"]["shape"]
+        qp = np.pad(q, ((0, 0), (ph, ph), (pw, pw)))
+        cols = [qp[:, dy:dy + sh * (oh - 1) + 1:sh, dx:dx + sw * (ow - 1) + 1:sw]
+                for dy in range(kh) for dx in range(kw)]
+        q = np.stack(cols, axis=1).reshape(c * kh * kw, oh, ow)
+        c, h, w = q.shape
     nb = -(-c // cfg.rows)
     rows = np.zeros((nb, h * w, cfg.rows), np.int64)
     for b in range(nb):

@@ -31,7 +31,6 @@ def main(argv=None) -> int:
     p.add_argument("--settings", default=",".join(s[0] for s in SETTINGS))
     args = p.parse_args(argv)
 
-    import torch
 
     from compiler import compile as compile_model
     from compiler import data, zoo
