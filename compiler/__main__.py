@@ -7,22 +7,18 @@ OUT/report.json; all or nothing.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from hw import isa
 from hw.build import _Parser, add_config_args, config_from_args
 from hw.config import ConfigError
-from hw.program import IMAGE_LAYOUTS, write_readmemh
+from hw.program import IMAGE_LAYOUTS, atomic_dir, write_readmemh
 
 from . import CompileError, data, zoo
 from .frontend import UnsupportedOpError
@@ -67,9 +63,8 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def write_outputs(prog, out: Path, report: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    """OUT/program.qprog, manifest.json, {wmem,param,imem}.hex, {wmem,param}.bin, report.json."""
+    with atomic_dir(out) as tmp:
         prog.save(tmp / "program.qprog")
         (tmp / "manifest.json").write_text(json.dumps(prog.manifest, indent=1) + "\n")
         for name, rows in prog.images.items():
@@ -79,12 +74,6 @@ def write_outputs(prog, out: Path, report: dict) -> None:
             (tmp / f"{name}.bin").write_bytes(b"".join(int(r).to_bytes(nb, "little") for r in rows))
         write_readmemh(tmp / "imem.hex", prog.words(), isa.instr_bits(prog.config))
         (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def main(argv=None) -> int:

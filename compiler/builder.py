@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+
 import numpy as np
 
 from hw import isa
@@ -9,50 +11,144 @@ from hw.config import AccelConfig
 from hw.isa import PoolMode
 from hw.program import Program, pack_rows
 
-from .kernels import Kernel, KernelError, Requant, SpadTensor, conv2d, pool2d
+from .kernels import Kernel, KernelError, Requant, SpadTensor, conv2d, memory_message, pool2d
 
-__all__ = ["ProgramBuilder"]
+__all__ = ["ProgramBuilder", "SpadAllocator"]
+
+
+class SpadAllocator:
+    """First-fit allocator over scratchpad row ranges.
+
+    Freed ranges are kept as sorted, coalesced holes below ``top`` (one past the highest row in
+    use). An allocation takes the lowest hole that is large enough, else it grows ``top`` (taking
+    over a hole that ends at ``top``). It never fails: ``peak`` (the high-water mark of ``top``) is
+    the spad depth the program needs, compared with the real depth by the caller, so an error can
+    say how many rows were needed. First fit is not optimal, but lowering allocates in graph order
+    and frees right after each tensor's last use, so holes are few and large.
+    """
+
+    def __init__(self):
+        self._holes: list[tuple[int, int]] = []  # (start, end), sorted, disjoint, non-adjacent
+        self._live: dict[int, int] = {}  # start -> rows
+        self.top = 0
+        self.peak = 0
+
+    def alloc(self, n: int) -> int:
+        if n <= 0:
+            raise ValueError(f"allocation of {n} rows")
+        for i, (s, e) in enumerate(self._holes):
+            if e - s >= n:
+                if e - s == n:
+                    del self._holes[i]
+                else:
+                    self._holes[i] = (s + n, e)
+                self._live[s] = n
+                return s
+        start = self.top
+        if self._holes and self._holes[-1][1] == self.top:
+            start = self._holes.pop()[0]
+        self.top = start + n
+        self.peak = max(self.peak, self.top)
+        self._live[start] = n
+        return start
+
+    def free(self, start: int) -> None:
+        n = self._live.pop(start, None)
+        if n is None:
+            raise ValueError(f"spad row {start} is not the start of a live allocation")
+        s, e = start, start + n
+        i = bisect.bisect_left(self._holes, (s, e))
+        if i < len(self._holes) and self._holes[i][0] == e:  # merge with the hole above
+            e = self._holes.pop(i)[1]
+        if i > 0 and self._holes[i - 1][1] == s:  # and with the hole below
+            s = self._holes.pop(i - 1)[0]
+            i -= 1
+        if e == self.top:
+            self.top = s
+        else:
+            self._holes.insert(i, (s, e))
+        while self._holes and self._holes[-1][1] == self.top:
+            self.top = self._holes.pop()[0]
+
+    @property
+    def live_rows(self) -> int:
+        return sum(self._live.values())
 
 
 class ProgramBuilder:
-    """Bump-allocates spad tensors, weight rows and param rows, and concatenates kernels.
+    """Allocates spad tensors, weight rows and param rows, and concatenates kernels.
+
+    Weight and param rows are bump-allocated (every layer keeps its own). Spad tensors come from
+    a :class:`SpadAllocator`; :meth:`free` returns a tensor's rows once its last reader has been
+    emitted. With ``reuse_spad=False`` :meth:`free` does nothing, so every tensor stays readable
+    after the run (for debugging and per-layer comparisons).
+
+    Every ``name`` is a layer name; a memory that overflows raises :class:`KernelError` naming it,
+    the memory, the rows (and bytes) needed and the depth.
 
     >>> b = ProgramBuilder(cfg)
     >>> x = b.tensor(1, 28, 28)
     >>> y = b.conv2d(x, w, rq, padding=(1, 1))
+    >>> b.free(x)
     >>> prog = b.build(manifest={"input": ..., "output": ...})
     """
 
-    def __init__(self, cfg: AccelConfig):
+    def __init__(self, cfg: AccelConfig, *, reuse_spad: bool = True):
         self.cfg = cfg
+        self.reuse_spad = reuse_spad
         self.instrs: list[isa.Instr] = []
-        self._spad = 0
+        self.spad = SpadAllocator()
         self._wmem: list[np.ndarray] = []
         self._w_rows = 0
         self._params: list[dict] = []
         self._p_rows = 0
         self.macs = 0
 
-    def _need(self, memory: str, used: int, depth: int, what: str):
-        if used > depth:
-            raise KernelError(f"{what}: {memory} needs {used} rows, {memory}_depth is {depth}")
+    @property
+    def spad_rows_peak(self) -> int:
+        return self.spad.peak
+
+    def _need(self, memory: str, used: int, name: str | None):
+        if used > getattr(self.cfg, f"{memory}_depth"):
+            where = "program" if name is None else f"layer {name}"
+            raise KernelError(f"{where}: {memory_message(self.cfg, memory, used)}")
 
     def tensor(self, c: int, h: int, w: int, signed: bool = False, name: str = "tensor") -> SpadTensor:
-        t = SpadTensor(self._spad, c, h, w, signed)
-        self._need("spad", self._spad + t.rows(self.cfg), self.cfg.spad_depth, name)
-        self._spad += t.rows(self.cfg)
-        return t
+        rows = -(-c // self.cfg.rows) * h * w
+        peak = self.spad.peak
+        base = self.spad.alloc(rows)
+        if self.spad.peak > self.cfg.spad_depth:
+            need = self.spad.peak
+            self.spad.free(base)  # leave the builder as it was, as for every other error
+            self.spad.peak = peak
+            raise KernelError(f"layer {name}: {memory_message(self.cfg, 'spad', need)}; "
+                              f"its output takes {rows} rows, live tensors hold {self.spad.live_rows}")
+        return SpadTensor(base, c, h, w, signed)
+
+    def free(self, t: SpadTensor) -> None:
+        """The rows of ``t`` may be reused by tensors allocated from now on."""
+        if self.reuse_spad:
+            self.spad.free(t.base)
 
     def add(self, k: Kernel, name: str = "kernel") -> None:
-        if k.wmem is not None and len(k.wmem):
-            self._need("wmem", self._w_rows + len(k.wmem), self.cfg.wmem_depth, name)
+        # Memory sizes first: an overflowing memory also makes address fields overflow, and
+        # "wmem needs N rows" says more than "w_addr does not fit".
+        self._need("imem", len(self.instrs) + len(k.instrs) + 1, name)  # + 1: the final HALT
+        n_w = 0 if k.wmem is None else len(k.wmem)
+        n_p = 0 if k.params is None else len(k.params["bias"])
+        self._need("wmem", self._w_rows + n_w, name)
+        self._need("param", self._p_rows + n_p, name)
+        for ins in k.instrs:  # name the layer if a field is out of range (else Program would)
+            try:
+                ins.check(self.cfg)
+            except isa.IsaError as e:
+                raise KernelError(f"layer {name}: {e}") from None
+        if n_w:
             self._wmem.append(k.wmem)
-            self._w_rows += len(k.wmem)
+            self._w_rows += n_w
         if k.params is not None:
-            n = len(k.params["bias"])
-            self._need("param", self._p_rows + n, self.cfg.param_depth, name)
             self._params.append(k.params)
-            self._p_rows += n
+            self._p_rows += n_p
         self.instrs.extend(k.instrs)
         self.macs += k.macs
 
@@ -96,7 +192,7 @@ class ProgramBuilder:
     def build(self, manifest: dict | None = None) -> Program:
         cfg = self.cfg
         instrs = self.instrs + [isa.halt()]
-        self._need("imem", len(instrs), cfg.imem_depth, "program")
+        self._need("imem", len(instrs), None)
         images = {}
         if self._wmem:
             images["wmem"] = pack_rows(isa.wmem_row_layout(cfg), np.concatenate(self._wmem))
@@ -105,5 +201,6 @@ class ProgramBuilder:
                 k: np.concatenate([p[k] for p in self._params]) for k in self._params[0]})
         man = dict(manifest or {})
         man.setdefault("macs", self.macs)
-        man.setdefault("spad_rows_used", self._spad)
+        man.setdefault("spad_rows_peak", self.spad.peak)
+        man.setdefault("spad_reuse", self.reuse_spad)
         return Program(cfg, instrs, images, man)

@@ -1,12 +1,20 @@
 """Front end: capture a float ``nn.Module`` with ``torch.fx``, fold BatchNorm, check every op,
 and produce a small layer graph (:class:`Graph`) that quantization and lowering walk.
 
-Activations (ReLU, ReLU6, Hardtanh(0, x)) are fused into the layer that produces their input;
-a residual ``+`` is fused into the POST of the convolution that produces one of its operands.
+Activations (ReLU, ReLU6, Hardtanh(0, x)) are fused into the layer that produces their input
+(through a max-pool too: ``relu(maxpool(conv))`` is ``maxpool(relu(conv))`` exactly, max being
+monotonic); a residual ``+`` is fused into the POST of the convolution that produces one of its
+operands.
+
+The pre-flight check runs before anything is quantized or written: every node of the traced
+graph is classified, and :class:`UnsupportedOpError` lists *all* nodes that cannot run (node
+name, op, reason) together with :data:`SUPPORTED_OPS`. A node downstream of an unsupported one
+is not reported again unless it is unsupported itself.
 """
 
 from __future__ import annotations
 
+import copy
 import operator
 from dataclasses import dataclass, field
 
@@ -15,22 +23,34 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["Layer", "Graph", "UnsupportedOpError", "capture", "SUPPORTED_OPS"]
+from . import CompileError
+
+__all__ = ["Layer", "Graph", "CaptureError", "UnsupportedOpError", "capture", "SUPPORTED_OPS"]
 
 SUPPORTED_OPS = (
-    "Conv2d (any kernel, stride, padding, groups)", "Linear", "BatchNorm2d/1d (folded)", "ReLU", "ReLU6",
-    "Hardtanh(0, x)", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d(1)", "flatten/view/reshape to 2-D",
-    "residual add (+, torch.add)", "Dropout/Identity (no-ops in eval)",
+    "Conv2d (any kernel, stride, padding, groups)", "Linear", "BatchNorm2d/1d (folded)",
+    "ReLU/ReLU6/Hardtanh(0, x) (module, functional or method)", "MaxPool2d", "AvgPool2d",
+    "AdaptiveAvgPool2d(1)", "flatten/view/reshape to (N, -1)", "residual add (+, +=, torch.add)",
+    "Dropout/Identity (no-ops in eval)",
 )
 
+_CONCAT_REASON = (
+    "concatenation is not supported: its operands would have to share one activation scale, "
+    "which compiler.quantize does not provide, and the first operand's channel count would have "
+    "to be a multiple of the array rows (so the second starts on a channel block)")
 
-class UnsupportedOpError(ValueError):
+
+class CaptureError(CompileError):
+    """The model cannot be traced or run on the given input shape."""
+
+
+class UnsupportedOpError(CaptureError):
     """The model uses ops Quarry cannot run; ``problems`` lists (node name, op, reason)."""
 
-    def __init__(self, problems):
-        self.problems = problems
-        lines = "; ".join(f"{n} ({op}): {why}" for n, op, why in problems)
-        super().__init__(f"unsupported ops: {lines}. Supported: {', '.join(SUPPORTED_OPS)}")
+    def __init__(self, problems, supported=SUPPORTED_OPS):
+        self.problems = list(problems)
+        lines = "; ".join(f"{n} ({op}): {why}" for n, op, why in self.problems)
+        super().__init__(f"unsupported ops: {lines}. Supported: {', '.join(supported)}")
 
 
 @dataclass
@@ -74,130 +94,361 @@ def _fold_bn(w, b, bn):
     return w, b * scale + bn.bias.detach()
 
 
+class _Tracer(fx.Tracer):
+    """torch.fx's default tracer, also keeping quantization observers/stubs as leaves, so a model
+    prepared (but not converted) for quantization is reported instead of failing to trace."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return super().is_leaf_module(m, qualname) or type(m).__module__.startswith("torch.ao.quantization")
+
+
 def _pair(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+# Signatures (names, defaults) of the functional ops we accept, to read their arguments.
+_SIGS = {
+    F.max_pool2d: (("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+                   {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False}),
+    F.avg_pool2d: (("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
+                   {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True,
+                    "divisor_override": None}),
+    F.adaptive_avg_pool2d: (("input", "output_size"), {}),
+    F.hardtanh: (("input", "min_val", "max_val", "inplace"), {"min_val": -1.0, "max_val": 1.0, "inplace": False}),
+    torch.flatten: (("input", "start_dim", "end_dim"), {"start_dim": 0, "end_dim": -1}),
+}
+
+
+def _bind(fn, n: fx.Node) -> dict | None:
+    names, defaults = _SIGS[fn]
+    if len(n.args) > len(names) or set(n.kwargs) - set(names):
+        return None
+    out = dict(defaults)
+    out.update(zip(names, n.args))
+    out.update(n.kwargs)
+    return out if all(k in out for k in names) else None
+
+
+def _op_name(n: fx.Node, mods) -> str:
+    if n.op == "call_module":
+        return type(mods[n.target]).__name__
+    if n.op == "call_method":
+        return f"Tensor.{n.target}"
+    if n.op == "get_attr":
+        return "get_attr"
+    t = n.target
+    name = getattr(t, "__name__", str(t))
+    if getattr(F, name, None) is t:
+        return f"F.{name}"
+    if getattr(operator, name, None) is t:
+        return f"operator.{name}"
+    if getattr(torch, name, None) is t:
+        return f"torch.{name}"
+    return name
+
+
+_ADD = (operator.add, operator.iadd, torch.add)
+_RELU = (F.relu, torch.relu, torch.relu_)
+_CAT = (torch.cat, torch.concat)
+
+
+def _classify(n: fx.Node, mods) -> tuple[str | None, str]:
+    """(handler kind, reason). kind None means the op itself is unsupported (reason says why)."""
+    if n.op == "call_module":
+        mod = mods[n.target]
+        if isinstance(mod, nn.Conv2d):
+            return "conv", ""
+        if isinstance(mod, nn.Linear):
+            return "linear", ""
+        if isinstance(mod, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            return "bn", ""
+        if isinstance(mod, (nn.ReLU, nn.ReLU6)):
+            return "act", ""
+        if isinstance(mod, nn.Hardtanh):
+            return ("act", "") if mod.min_val == 0 else (None, "Hardtanh only with min_val=0")
+        if isinstance(mod, (nn.MaxPool2d, nn.AvgPool2d)):
+            return "pool", ""
+        if isinstance(mod, nn.AdaptiveAvgPool2d):
+            return ("gap", "") if _pair(mod.output_size) == (1, 1) else (None, "AdaptiveAvgPool2d only with output size 1")
+        if isinstance(mod, nn.Flatten):
+            return "flatten", ""
+        if isinstance(mod, (nn.Identity, nn.Dropout)):
+            return "identity", ""
+        if type(mod).__module__.startswith("torch.ao.quantization"):
+            return None, "observer/fake-quantize module: convert the model with convert_fx() first"
+        return None, "module not supported"
+    if n.op == "call_function":
+        t = n.target
+        if t in _ADD:
+            return "add", ""
+        if t in _RELU or t in (F.relu6, F.hardtanh):
+            return "act", ""
+        if t in (F.max_pool2d, F.avg_pool2d):
+            return "pool", ""
+        if t is F.adaptive_avg_pool2d:
+            return "gap", ""
+        if t is torch.flatten:
+            return "flatten", ""
+        if t is operator.getitem:
+            return "getitem", ""
+        if t is getattr and len(n.args) == 2 and n.args[1] == "shape":
+            return "meta", ""
+        if t in _CAT:
+            return None, _CONCAT_REASON
+        return None, "function not supported"
+    if n.op == "call_method":
+        if n.target == "relu":
+            return "act", ""
+        if n.target in ("view", "reshape", "flatten"):
+            return "flatten", ""
+        if n.target == "size":
+            return "meta", ""
+        if n.target == "contiguous":
+            return "identity", ""
+        return None, "method not supported"
+    if n.op == "get_attr":
+        return None, "parameters/buffers used outside modules are not supported"
+    return n.op, ""  # placeholder, output
 
 
 def capture(model: nn.Module, input_shape: tuple) -> Graph:
     """Trace ``model`` (eval mode) for inputs of shape (C, H, W) and lower it to a :class:`Graph`.
 
-    Raises :class:`UnsupportedOpError` listing every node that cannot run, before any output.
+    Raises :class:`UnsupportedOpError` listing every node that cannot run, and
+    :class:`CaptureError` if the model does not trace or does not run on ``input_shape``.
     """
+    input_shape = tuple(int(v) for v in input_shape)
     model = model.eval()
     try:
-        gm = fx.symbolic_trace(model)
+        # A GraphModule is used as traced (re-tracing it could trace into observers); a copy,
+        # because dead code is removed and shapes are recorded on the graph.
+        graph = copy.deepcopy(model.graph) if isinstance(model, fx.GraphModule) else _Tracer().trace(model)
+        gm = fx.GraphModule(model, graph)
     except Exception as e:  # noqa: BLE001 - tracing errors come in many types
         raise UnsupportedOpError([("<model>", "trace", f"torch.fx cannot trace it: {e}")]) from None
-    ShapeProp = fx.passes.shape_prop.ShapeProp
-    ShapeProp(gm).propagate(torch.zeros(1, *input_shape))
-    mods = dict(gm.named_modules())
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    # Batch 2, so a reshape that merges the batch dimension is visible in the shapes.
+    shape_error = None
+    try:
+        with torch.no_grad():
+            fx.passes.shape_prop.ShapeProp(gm).propagate(torch.zeros(2, *input_shape))
+    except Exception as e:  # noqa: BLE001 - whatever the model raises
+        shape_error = e
+    mods = dict(gm.named_modules(remove_duplicate=False))  # shared modules have several names
     problems = []
     layers: list[Layer] = []
-    alias: dict[str, str] = {}  # fx node -> layer producing its value
-    users = {n.name: len(n.users) for n in gm.graph.nodes}
+    alias: dict[str, str | None] = {}  # fx node -> layer producing its value; None: not computable
+    members: dict[str, list[fx.Node]] = {}  # layer -> fx nodes whose value is that layer's output
+    meta_nodes: set[str] = set()  # shape arithmetic (x.size(0), x.shape): allowed as arguments only
+    by_name: dict[str, Layer] = {}
 
-    def src(n):
-        return alias[n.name]
+    def meta(n):
+        tm = n.meta.get("tensor_meta")
+        return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
 
     def out_shape(n):
-        s = tuple(n.meta["tensor_meta"].shape[1:])
+        s = meta(n)[1:]
         return s if len(s) == 3 else (s[0], 1, 1)
 
-    def by_name(name):
-        return next(l for l in layers if l.name == name)
+    def bind(layer: Layer, n: fx.Node):
+        alias[n.name] = layer.name
+        members.setdefault(layer.name, []).append(n)
 
-    def set_act(n, act):
-        prod = by_name(src(n.args[0]))
-        if prod.kind != "conv" or prod.act is not None or users[n.args[0].name] != 1:
-            problems.append((n.name, str(n.target), "activation must follow a conv/linear/add with no other users"))
-            return
+    def new_layer(layer: Layer, n: fx.Node):
+        layers.append(layer)
+        by_name[layer.name] = layer
+        bind(layer, n)
+
+    def sole_user(layer: Layer, n: fx.Node) -> bool:
+        """``n`` is the only node outside the layer's own alias chain that reads its value."""
+        own = {m.name for m in members[layer.name]}
+        ext = [u for m in members[layer.name] for u in m.users if u.name not in own]
+        return ext == [n]
+
+    def producer(n: fx.Node) -> Layer:
+        return by_name[alias[n.name]]
+
+    def bad(n, why):
+        problems.append((n.name, _op_name(n, mods), why))
+        alias[n.name] = None
+
+    def act_of(n) -> object:
+        if n.op == "call_module":
+            mod = mods[n.target]
+            if isinstance(mod, nn.ReLU6):
+                return "relu6"
+            if isinstance(mod, nn.Hardtanh):
+                return ("clamp", float(mod.max_val))
+            return "relu"
+        if n.target is F.relu6:
+            return "relu6"
+        if n.target is F.hardtanh:
+            a = _bind(F.hardtanh, n)
+            if a is None or a["min_val"] != 0 or isinstance(a["max_val"], fx.Node):
+                return None
+            return ("clamp", float(a["max_val"]))
+        return "relu"
+
+    def fuse_act(n: fx.Node):
+        act = act_of(n)
+        if act is None:
+            return bad(n, "hardtanh only with min_val=0 and a constant max_val")
+        prod = producer(n.args[0])
+        if prod.kind == "maxpool" and sole_user(prod, n):
+            conv = by_name[prod.inputs[0]]
+            # relu(maxpool(y)) == maxpool(relu(y)): fuse into the conv under the pool.
+            if conv.kind == "conv" and conv.act is None and sole_user(conv, members[prod.name][0]):
+                conv.act = act
+                return bind(prod, n)
+        if prod.kind != "conv" or prod.act is not None or not sole_user(prod, n):
+            return bad(n, "activation must follow a conv/linear/add (or a max-pool of one) with no other users")
         prod.act = act
-        alias[n.name] = prod.name
+        bind(prod, n)
 
+    def pool(n: fx.Node, kind: str, k, s, p, unsupported: bool):
+        if unsupported:
+            return bad(n, "ceil_mode, dilation, return_indices, count_include_pad=False and divisor_override "
+                          "are not supported")
+        if any(isinstance(v, fx.Node) for v in (*k, *s, *p)):
+            return bad(n, "pooling parameters must be constants")
+        new_layer(Layer(n.name, kind, [alias[n.args[0].name]], stride=tuple(s), padding=tuple(p),
+                        kernel=tuple(k), shape=out_shape(n), torch_node=n.name), n)
+
+    n_inputs = 0
     output = None
     for n in gm.graph.nodes:
-        if n.op == "placeholder":
-            layers.append(Layer(n.name, "input", shape=tuple(input_shape), torch_node=n.name))
-            alias[n.name] = n.name
-        elif n.op == "output":
-            output = src(n.args[0])
-        elif n.op == "call_module":
-            mod = mods[n.target]
-            if isinstance(mod, nn.Conv2d):
-                layers.append(Layer(n.name, "conv", [src(n.args[0])], mod.weight.detach().clone(),
-                                    None if mod.bias is None else mod.bias.detach().clone(),
-                                    _pair(mod.stride), _pair(mod.padding), mod.groups,
-                                    shape=out_shape(n), torch_node=n.name))
-                if mod.dilation not in ((1, 1), 1) or mod.padding_mode != "zeros" or isinstance(mod.padding, str):
-                    problems.append((n.name, "Conv2d", "dilation, non-zero padding modes and string padding are not supported"))
-                alias[n.name] = n.name
-            elif isinstance(mod, nn.Linear):
-                prev = by_name(src(n.args[0]))
-                c, h, w = prev.shape
-                wt = mod.weight.detach().reshape(mod.out_features, c, h, w).clone()
-                layers.append(Layer(n.name, "conv", [prev.name], wt,
-                                    None if mod.bias is None else mod.bias.detach().clone(),
-                                    shape=(mod.out_features, 1, 1), torch_node=n.name))
-                alias[n.name] = n.name
-            elif isinstance(mod, (nn.BatchNorm2d, nn.BatchNorm1d)):
-                prod = by_name(src(n.args[0]))
-                if prod.kind != "conv" or prod.act is not None or prod.residual or users[n.args[0].name] != 1:
-                    problems.append((n.name, type(mod).__name__, "BatchNorm must directly follow a conv/linear"))
-                    continue
-                prod.weight, prod.bias = _fold_bn(prod.weight, prod.bias, mod)
-                alias[n.name] = prod.name
-            elif isinstance(mod, nn.ReLU):
-                set_act(n, "relu")
-            elif isinstance(mod, nn.ReLU6):
-                set_act(n, "relu6")
-            elif isinstance(mod, nn.Hardtanh) and mod.min_val == 0:
-                set_act(n, ("clamp", float(mod.max_val)))
-            elif isinstance(mod, (nn.MaxPool2d, nn.AvgPool2d)):
-                k, s, p = _pair(mod.kernel_size), _pair(mod.stride or mod.kernel_size), _pair(mod.padding)
-                bad = getattr(mod, "ceil_mode", False) or (isinstance(mod, nn.MaxPool2d) and _pair(mod.dilation) != (1, 1)) \
-                    or (isinstance(mod, nn.AvgPool2d) and (not mod.count_include_pad or mod.divisor_override))
-                if bad:
-                    problems.append((n.name, type(mod).__name__, "ceil_mode, dilation, count_include_pad=False and divisor_override are not supported"))
-                kind = "maxpool" if isinstance(mod, nn.MaxPool2d) else "avgpool"
-                layers.append(Layer(n.name, kind, [src(n.args[0])], stride=s, padding=p, kernel=k,
-                                    shape=out_shape(n), torch_node=n.name))
-                alias[n.name] = n.name
-            elif isinstance(mod, nn.AdaptiveAvgPool2d) and _pair(mod.output_size) == (1, 1):
-                c, h, w = by_name(src(n.args[0])).shape
-                layers.append(Layer(n.name, "avgpool", [src(n.args[0])], stride=(h, w), kernel=(h, w),
-                                    shape=(c, 1, 1), torch_node=n.name))
-                alias[n.name] = n.name
-            elif isinstance(mod, (nn.Flatten, nn.Identity, nn.Dropout)):
-                alias[n.name] = src(n.args[0])
-            else:
-                problems.append((n.name, type(mod).__name__, "module not supported"))
-        elif n.op == "call_function" and n.target in (operator.add, torch.add):
-            a, b = n.args[:2]
-            if not all(isinstance(x, fx.Node) for x in (a, b)) or len(n.args) > 2 or n.kwargs:
-                problems.append((n.name, "add", "only tensor + tensor is supported"))
+        kind, why = _classify(n, mods)
+        if kind == "getitem" and isinstance(n.args[0], fx.Node) and n.args[0].name in meta_nodes:
+            kind = "meta"  # x.shape[0]
+        if kind is None:
+            bad(n, why)
+            continue
+        if kind == "meta":
+            meta_nodes.add(n.name)
+            continue
+        ins = [a for a in n.all_input_nodes if a.name not in meta_nodes]
+        if kind == "output":
+            out = n.args[0]
+            if not isinstance(out, fx.Node):
+                problems.append((n.name, "output", "the model must return a single tensor"))
+            elif alias.get(out.name) is not None:
+                output = alias[out.name]
+                ol = by_name[output]
+                if ol.kind != "conv" or ol.act is not None or ol.residual:
+                    problems.append((out.name, _op_name(out, mods),
+                                     "the model output must come straight from a Conv2d/Linear (no activation, "
+                                     "pooling or residual add after it): its raw accumulators are read back"))
+            continue
+        if kind == "getitem" and isinstance(n.args[1], int) and any(alias.get(a.name, "") is None for a in ins):
+            alias[n.name] = None  # unpacking the tuple an unsupported module returns (LSTM): reported
+            continue
+        if kind == "getitem":
+            bad(n, "indexing/slicing tensors is not supported")
+            continue
+        if any(alias.get(a.name, "") is None for a in ins):
+            alias[n.name] = None  # downstream of an unsupported node: already reported
+            continue
+        if kind == "placeholder":
+            n_inputs += 1
+            if n_inputs > 1:
+                bad(n, "models with more than one input are not supported")
                 continue
-            la, lb = by_name(src(a)), by_name(src(b))
+            new_layer(Layer(n.name, "input", shape=input_shape, torch_node=n.name), n)
+            continue
+        if shape_error is not None and meta(n) is None:
+            alias[n.name] = None  # no shapes past the failure; reported below if nothing else is
+            continue
+        if kind == "identity":
+            bind(producer(n.args[0]), n)
+        elif kind == "conv":
+            mod = mods[n.target]
+            if mod.dilation not in ((1, 1), 1) or mod.padding_mode != "zeros" or isinstance(mod.padding, str):
+                bad(n, "dilation, non-zero padding modes and string padding are not supported")
+                continue
+            new_layer(Layer(n.name, "conv", [alias[n.args[0].name]], mod.weight.detach().clone(),
+                            None if mod.bias is None else mod.bias.detach().clone(),
+                            _pair(mod.stride), _pair(mod.padding), mod.groups,
+                            shape=out_shape(n), torch_node=n.name), n)
+        elif kind == "linear":
+            mod = mods[n.target]
+            x = n.args[0]
+            if len(meta(x)) != 2:
+                bad(n, f"Linear needs a flattened (N, features) input, not shape {list(meta(x))}")
+                continue
+            prev = producer(x)
+            c, h, w = prev.shape
+            wt = mod.weight.detach().reshape(mod.out_features, c, h, w).clone()
+            new_layer(Layer(n.name, "conv", [prev.name], wt,
+                            None if mod.bias is None else mod.bias.detach().clone(),
+                            shape=(mod.out_features, 1, 1), torch_node=n.name), n)
+        elif kind == "bn":
+            prod = producer(n.args[0])
+            if prod.kind != "conv" or prod.act is not None or prod.residual or not sole_user(prod, n):
+                bad(n, "BatchNorm must directly follow a conv/linear with no other users")
+                continue
+            prod.weight, prod.bias = _fold_bn(prod.weight, prod.bias, mods[n.target])
+            bind(prod, n)
+        elif kind == "act":
+            fuse_act(n)
+        elif kind == "pool":
+            if n.op == "call_module":
+                mod = mods[n.target]
+                is_max = isinstance(mod, nn.MaxPool2d)
+                k, s, p = _pair(mod.kernel_size), _pair(mod.stride or mod.kernel_size), _pair(mod.padding)
+                unsup = mod.ceil_mode or (is_max and (_pair(mod.dilation) != (1, 1) or mod.return_indices)) \
+                    or (not is_max and (not mod.count_include_pad or mod.divisor_override))
+            else:
+                is_max = n.target is F.max_pool2d
+                a = _bind(n.target, n)
+                if a is None:
+                    bad(n, "unexpected arguments")
+                    continue
+                k, p = _pair(a["kernel_size"]), _pair(a["padding"])
+                s = _pair(a["stride"]) if a["stride"] not in (None, [], ()) else k
+                unsup = a["ceil_mode"] or (is_max and (_pair(a["dilation"]) != (1, 1) or a["return_indices"])) \
+                    or (not is_max and (not a["count_include_pad"] or a["divisor_override"]))
+            pool(n, "maxpool" if is_max else "avgpool", k, s, p, unsup)
+        elif kind == "gap":
+            if n.op == "call_function" and _pair(n.args[1] if len(n.args) > 1 else n.kwargs.get("output_size")) != (1, 1):
+                bad(n, "adaptive_avg_pool2d only with output size 1")
+                continue
+            c, h, w = producer(n.args[0]).shape
+            pool(n, "avgpool", (h, w), (1, 1), (0, 0), False)  # one output: the stride is never used
+        elif kind == "flatten":
+            src, dst = meta(n.args[0]), meta(n)
+            if not (dst == src or (len(dst) == 2 and dst[0] == src[0])):
+                bad(n, f"only a flatten to (N, -1) is supported (here {list(src)} -> {list(dst)})")
+                continue
+            bind(producer(n.args[0]), n)
+        elif kind == "add":
+            a, b = n.args[:2] if len(n.args) >= 2 else (None, None)
+            if not all(isinstance(v, fx.Node) for v in (a, b)) or len(n.args) > 2 or n.kwargs \
+                    or a.name in meta_nodes or b.name in meta_nodes:
+                bad(n, "only tensor + tensor (no scalars, no alpha) is supported")
+                continue
+            if meta(a) != meta(b):
+                bad(n, f"operands must have the same shape (no broadcasting): {list(meta(a))} + {list(meta(b))}")
+                continue
+            la, lb = producer(a), producer(b)
             # Fuse into the conv whose output is used only here; the other operand is the residual.
-            for conv, other, node in ((lb, la, b), (la, lb, a)):
-                if conv.kind == "conv" and conv.act is None and conv.residual is None and users[node.name] == 1:
+            for conv, other in ((lb, la), (la, lb)):
+                if conv is not other and conv.kind == "conv" and conv.act is None and conv.residual is None \
+                        and sole_user(conv, n):
                     conv.residual = other.name
-                    alias[n.name] = conv.name
+                    # The conv is read only by this add, so it may move after the residual's
+                    # producer: lowering needs the residual computed first.
+                    layers.remove(conv)
+                    layers.append(conv)
+                    bind(conv, n)
                     break
             else:
-                problems.append((n.name, "add", "one operand must be a conv/linear output used only by the add"))
-        elif n.op == "call_function" and n.target in (F.relu, torch.relu):
-            set_act(n, "relu")
-        elif n.op == "call_function" and n.target is F.relu6:
-            set_act(n, "relu6")
-        elif n.op == "call_function" and n.target is torch.flatten or (
-                n.op == "call_method" and n.target in ("view", "reshape", "flatten")):
-            alias[n.name] = src(n.args[0])
-        elif n.op == "call_method" and n.target == "relu":
-            set_act(n, "relu")
-        elif n.op == "get_attr":
-            problems.append((n.name, "get_attr", "parameters used outside modules are not supported"))
-        else:
-            problems.append((n.name, str(getattr(n.target, "__name__", n.target)), f"{n.op} not supported"))
+                bad(n, "one operand must be a conv/linear output (no activation yet) used only by the add")
     if problems:
         raise UnsupportedOpError(problems)
-    return Graph(layers, tuple(input_shape), output)
+    if shape_error is not None:
+        msg = " ".join(str(shape_error).split()) or type(shape_error).__name__
+        raise CaptureError(f"the model does not run on inputs of shape (N, {', '.join(map(str, input_shape))}): {msg}")
+    if output is None:
+        raise CaptureError("the model has no tensor output")
+    return Graph(layers, input_shape, output)

@@ -20,11 +20,34 @@ from hw import isa
 from hw.config import AccelConfig
 from hw.isa import PoolMode
 
-__all__ = ["SpadTensor", "Requant", "Kernel", "conv2d", "pool2d", "KernelError"]
+__all__ = ["SpadTensor", "Requant", "Kernel", "conv2d", "pool2d", "KernelError", "memory_message"]
 
 
 class KernelError(ValueError):
     """A layer cannot be expressed with this config (too large a field, memory too small, ...)."""
+
+
+def _row_bits(cfg: AccelConfig, memory: str) -> int:
+    if memory == "imem":
+        return isa.instr_bits(cfg)
+    return getattr(cfg, f"{memory}_row_bits")
+
+
+def memory_message(cfg: AccelConfig, memory: str, need: int, available: int | None = None,
+                   what: str = "") -> str:
+    """``"spad needs 5000 rows (80000 bytes), spad_depth is 4096 rows (65536 bytes)"``.
+
+    ``memory`` is one of spad, acc, wmem, param, imem; ``available`` defaults to the whole depth.
+    Bytes are the rows' bits rounded up to whole bytes, so they read like the memory's size.
+    """
+    depth = getattr(cfg, f"{memory}_depth")
+    unit = "instructions" if memory == "imem" else "rows"
+    bits = _row_bits(cfg, memory)
+    size = lambda n: f"{n} {unit} ({-(-n * bits // 8)} bytes)"  # noqa: E731
+    msg = f"{memory} needs {size(need)}{what}, "
+    if available is None or available == depth:
+        return msg + f"{memory}_depth is {size(depth)}"
+    return msg + f"{size(available)} of {memory}_depth {depth} are available"
 
 
 @dataclass(frozen=True)
@@ -112,6 +135,8 @@ def conv2d(cfg: AccelConfig, x: SpadTensor, y: SpadTensor, w: np.ndarray, rq: Re
         raise KernelError(f"conv shapes disagree: x has {x.c} channels, w {w.shape}, groups {groups}, y {y.c}")
     oh = (x.h + 2 * ph - kh) // sh + 1
     ow = (x.w + 2 * pw - kw) // sw + 1
+    # A stride along an axis with one output is never applied; 1 keeps it within STRIDE_BITS.
+    sh, sw = (1 if oh == 1 else sh), (1 if ow == 1 else sw)
     if not acc_out and (oh, ow) != (y.h, y.w):
         raise KernelError(f"conv output is {oh}x{ow}, y is {y.h}x{y.w}")
     # Dense (Cout, Cin, kh, kw) weights, zero outside each output channel's group.
@@ -121,11 +146,11 @@ def conv2d(cfg: AccelConfig, x: SpadTensor, y: SpadTensor, w: np.ndarray, rq: Re
         dense[g * per_g:(g + 1) * per_g, g * cin_g:(g + 1) * cin_g] = w[g * per_g:(g + 1) * per_g]
     acc_rows = cfg.acc_depth - acc_base if acc_rows is None else acc_rows
     if ow > acc_rows:
-        raise KernelError(f"one output row ({ow} pixels) does not fit the {acc_rows} acc rows available")
+        raise KernelError(memory_message(cfg, "acc", ow, acc_rows, " for one output row"))
     rows_per_chunk = min(oh, acc_rows // ow)
     n_blocks = -(-cout // C)
     if acc_out and n_blocks * oh * ow > acc_rows:
-        raise KernelError(f"acc output needs {n_blocks * oh * ow} acc rows, {acc_rows} available")
+        raise KernelError(memory_message(cfg, "acc", n_blocks * oh * ow, acc_rows, " for the raw output"))
     k = Kernel(params=_param_rows(cfg, rq, cout))
     wrows = []
     wcount = 0
@@ -193,6 +218,8 @@ def pool2d(cfg: AccelConfig, x: SpadTensor, y: SpadTensor, mode: PoolMode, kerne
     ow = (x.w + 2 * pw - kw) // sw + 1
     if (oh, ow) != (y.h, y.w) or x.c != y.c:
         raise KernelError(f"pool output is {x.c}x{oh}x{ow}, y is {y.c}x{y.h}x{y.w}")
+    # A stride along an axis with one output (e.g. global pooling) is never applied.
+    sh, sw = (1 if oh == 1 else sh), (1 if ow == 1 else sw)
     mult, shift = avg_pool_mult(cfg, kh * kw) if mode is PoolMode.AVG else (0, 0)
     k = Kernel()
     for b in range(x.blocks(cfg)):

@@ -2,41 +2,137 @@
 
 Every layer becomes a kernel from :mod:`compiler.kernels`; the graph's output layer (a conv or
 linear) leaves its raw accumulators in acc memory, so the host reads exact integer logits.
+
+Scratchpad allocation follows liveness: layers are emitted in graph order, and right after a
+layer is emitted the rows of every tensor it was the last reader of (as its input or as the
+residual operand of its POST) go back to a first-fit free list (:class:`~compiler.builder.SpadAllocator`).
+A layer's output is allocated before its inputs are freed, so no kernel ever writes over rows
+it still reads. The model input stays allocated for the whole run, so a program can be re-run
+on the same input without the host writing it again. Layers that do not reach the output are
+not emitted.
 """
 
 from __future__ import annotations
 
-import numpy as np
-
 from hw.isa import PoolMode
 from hw.program import Program
 
+from . import CompileError
 from .builder import ProgramBuilder
 from .kernels import KernelError, Requant
 from .quantize import QGraph
 
-__all__ = ["lower", "LowerError"]
+__all__ = ["lower", "LowerError", "live_layers"]
 
 
-class LowerError(ValueError):
+class LowerError(CompileError):
     """A layer cannot be placed on the configured accelerator (names layer and memory)."""
 
 
-def lower(qg: QGraph) -> Program:
+def live_layers(graph) -> list:
+    """The layers the output depends on, in graph order."""
+    by_name = {l.name: l for l in graph.layers}
+    need, todo = set(), [graph.output]
+    while todo:
+        n = todo.pop()
+        if n in need:
+            continue
+        need.add(n)
+        l = by_name[n]
+        todo += list(l.inputs) + ([l.residual] if l.residual else [])
+    return [l for l in graph.layers if l.name in need]
+
+
+def _last_uses(layers) -> dict[str, int]:
+    """Index (in ``layers``) of the last layer that reads each tensor."""
+    last = {}
+    for i, l in enumerate(layers):
+        last[l.name] = max(last.get(l.name, i), i)
+        for src in list(l.inputs) + ([l.residual] if l.residual else []):
+            last[src] = i
+    return last
+
+
+def _input_im2col(graph, layers, cfg):
+    """The first conv, if the host should hand it its input already im2col'd.
+
+    A conv reading the model input directly with few input channels (an image's 1 or 3) fills
+    only ``Cin`` of the array's rows per pass and needs ``kh*kw`` passes. If the host lays the
+    input out as ``Cin*kh*kw`` channels per output pixel (it quantizes the input anyway), the
+    same conv is a 1x1 conv: ``ceil(Cin*kh*kw / rows)`` passes instead of ``kh*kw*ceil(Cin/rows)``.
+    Only when the input has exactly one reader and that is a dense conv.
+    """
+    inp = layers[0]
+    readers = [l for l in layers if inp.name in l.inputs or l.residual == inp.name]
+    if len(readers) != 1 or readers[0].kind != "conv" or readers[0].groups != 1 or readers[0].residual == inp.name:
+        return None
+    conv = readers[0]
+    cin, kh, kw = conv.weight.shape[1:]
+    rows = cfg.rows
+    # Worth it only when it at least halves the passes: the im2col'd input takes
+    # ceil(Cin*kh*kw / rows) channel blocks of spad for the whole run.
+    if 2 * -(-cin * kh * kw // rows) > kh * kw * -(-cin // rows):
+        return None
+    return conv
+
+
+def lower(qg: QGraph, *, reuse_spad: bool = True, quant: dict | None = None, im2col_input: bool = True) -> Program:
+    """Lower ``qg`` to a program.
+
+    ``im2col_input`` lets the host lay the model input out im2col-style for the first conv when
+    that saves array passes (see :func:`_input_im2col`); the manifest's ``input.im2col`` says how.
+    ``reuse_spad=False`` gives every tensor its own spad rows (all intermediate results stay
+    readable after the run, at the cost of spad). ``quant`` replaces the manifest's ``quant``
+    entry; by default it comes from ``qg.quant_manifest`` if the graph has one (a graph imported
+    from ``torch.ao``), else from ``qg.options``.
+    The manifest records ``spad_rows_peak`` and, per layer, ``spad_base``/``spad_rows``.
+    """
     cfg = qg.config
-    b = ProgramBuilder(cfg)
+    graph = qg.graph
+    layers = live_layers(graph)
+    out_layer = graph[graph.output]
+    if out_layer.kind != "conv":
+        raise LowerError(f"the model output ({graph.output}) must be a conv or linear layer, not {out_layer.kind}")
+    if out_layer.act is not None or out_layer.residual:
+        raise LowerError(f"the model output ({graph.output}) must be a conv or linear layer without a fused "
+                         "activation or residual add: its raw accumulators are the output")
+    inp = layers[0]
+    if inp.kind != "input":
+        raise LowerError(f"the first layer ({inp.name}) must be the model input")
+    first = _input_im2col(graph, layers, cfg) if im2col_input else None
+    if first is not None:
+        try:
+            return _lower(qg, layers, reuse_spad, quant, first)
+        except LowerError:
+            pass  # the im2col'd input is larger (Cin*kh*kw channels): it may not fit; go without
+    return _lower(qg, layers, reuse_spad, quant, None)
+
+
+def _lower(qg: QGraph, layers, reuse_spad: bool, quant, first) -> Program:
+    cfg = qg.config
+    graph = qg.graph
+    b = ProgramBuilder(cfg, reuse_spad=reuse_spad)
+    last = _last_uses(layers)
     tensors = {}
     layers_info = []
     out_info = None
-    try:
-        for l in qg.graph.layers:
+    inp = layers[0]
+    im2col = None
+    for i, l in enumerate(layers):
+        try:
             ql = qg.layers[l.name]
             info = {"name": l.name, "kind": l.kind, "shape": list(l.shape), "scale": ql.scale,
                     "signed": ql.signed}
             n0 = len(b.instrs)
-            if l.kind == "input":
+            if l.kind == "input" and first is not None:
+                cin, kh, kw = first.weight.shape[1:]
+                _, oh, ow = first.shape
+                im2col = {"kernel": [kh, kw], "stride": list(first.stride), "padding": list(first.padding),
+                          "shape": [cin * kh * kw, oh, ow]}
+                tensors[l.name] = b.tensor(cin * kh * kw, oh, ow, signed=ql.signed, name=l.name)
+            elif l.kind == "input":
                 tensors[l.name] = b.tensor(*l.shape, signed=ql.signed, name=l.name)
-            elif l.kind == "conv" and l.name == qg.graph.output:
+            elif l.kind == "conv" and l.name == graph.output:
                 x = tensors[l.inputs[0]]
                 out_info = b.conv2d_to_acc(x, ql.w_q, stride=l.stride, padding=l.padding, groups=l.groups,
                                            name=l.name)
@@ -44,30 +140,45 @@ def lower(qg: QGraph) -> Program:
                 out_info.update(bias_q=ql.bias_q.tolist(), scales=(xs * ql.w_scale).tolist())
             elif l.kind == "conv":
                 x = tensors[l.inputs[0]]
-                rq = Requant(bias=ql.bias_q, mult=ql.mult, shift=ql.shift, zp=0, lo=ql.lo, hi=ql.hi,
-                             res_mult=ql.res_mult)
-                tensors[l.name] = b.conv2d(x, ql.w_q, rq, stride=l.stride, padding=l.padding, groups=l.groups,
+                w_q, stride, padding = ql.w_q, l.stride, l.padding
+                if l is first:  # the host did the im2col: a 1x1 conv over (c, dy, dx) channels
+                    w_q, stride, padding = w_q.reshape(w_q.shape[0], -1, 1, 1), (1, 1), (0, 0)
+                rq = Requant(bias=ql.bias_q, mult=ql.mult, shift=ql.shift, zp=int(getattr(ql, "zp", 0)),
+                             lo=ql.lo, hi=ql.hi, res_mult=ql.res_mult)
+                tensors[l.name] = b.conv2d(x, w_q, rq, stride=stride, padding=padding, groups=l.groups,
                                            residual=tensors[l.residual] if l.residual else None,
                                            out_signed=ql.signed, name=l.name)
-            else:
+            elif l.kind in ("maxpool", "avgpool"):
                 mode = PoolMode.MAX if l.kind == "maxpool" else PoolMode.AVG
                 tensors[l.name] = b.pool2d(tensors[l.inputs[0]], mode, l.kernel, stride=l.stride,
                                            padding=l.padding, name=l.name)
-            if l.name in tensors:
-                info["spad_base"] = tensors[l.name].base
-            info["instructions"] = len(b.instrs) - n0
-            layers_info.append(info)
-    except KernelError as e:
-        raise LowerError(f"layer {l.name}: {e}") from None
-    if out_info is None:
-        raise LowerError(f"the model output ({qg.graph.output}) must be a conv or linear layer")
-    inp = qg.graph.layers[0]
+            else:
+                raise LowerError(f"layer {l.name}: unknown layer kind {l.kind!r}")
+        except KernelError as e:
+            msg = str(e)
+            raise LowerError(msg if msg.startswith(f"layer {l.name}:") else f"layer {l.name}: {msg}") from None
+        if l.name in tensors:
+            info["spad_base"] = tensors[l.name].base
+            info["spad_rows"] = tensors[l.name].rows(cfg)
+        info["instructions"] = len(b.instrs) - n0
+        layers_info.append(info)
+        # Free what this layer read for the last time (never the model input).
+        for src in dict.fromkeys(list(l.inputs) + ([l.residual] if l.residual else [])):
+            if last[src] == i and src != inp.name:
+                b.free(tensors[src])
+        if last[l.name] == i and l.name in tensors and l.name != inp.name:
+            b.free(tensors[l.name])  # nobody reads it (cannot happen for live layers, but harmless)
     manifest = {
         "input": {"spad_base": tensors[inp.name].base, "shape": list(inp.shape),
-                  "scale": qg.layers[inp.name].scale, "signed": qg.layers[inp.name].signed},
+                  "scale": qg.layers[inp.name].scale, "signed": qg.layers[inp.name].signed,
+                  **({"im2col": im2col} if im2col else {})},
         "output": out_info,
         "layers": layers_info,
-        "quant": {"method": qg.options.method, "w_bits": qg.w_bits, "a_bits": qg.a_bits,
-                  "bias_correction": qg.options.bias_correction},
+        "quant": quant if quant is not None else getattr(qg, "quant_manifest", None) or {
+            "method": qg.options.method, "w_bits": qg.w_bits, "a_bits": qg.a_bits,
+            "bias_correction": qg.options.bias_correction},
     }
-    return b.build(manifest)
+    try:
+        return b.build(manifest)
+    except KernelError as e:
+        raise LowerError(str(e)) from None

