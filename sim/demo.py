@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 SETTINGS = (
-    # name, w_bits, a_bits, range estimator
-    ("W8A8", 8, 8, "percentile"),
-    ("W4A4", 4, 4, "mse"),
+    # name, w_bits, a_bits, activation range estimator, weight range, bias correction
+    ("W8A8", 8, 8, "percentile", "minmax", "none"),
+    ("W4A4", 4, 4, "mse", "mse", "empirical"),
 )
 
 
@@ -54,12 +54,13 @@ def main(argv=None) -> int:
     images, labels = xte[:args.n].numpy(), yte[:args.n].numpy()
     report = {"images": args.n, "array": f"{rows}x{cols}", "float_acc_all_test": float_acc_all, "settings": {}}
     wanted = args.settings.split(",")
-    for name, wb, ab, method in (s for s in SETTINGS if s[0] in wanted):
+    for name, wb, ab, method, wmethod, bc in (s for s in SETTINGS if s[0] in wanted):
         cfg = AccelConfig(rows=rows, cols=cols, w_bits=wb, a_bits=ab)
         out = args.out / name
-        say(f"\n-- {name}: {cfg.describe()}, {method} calibration on 256 training images --")
+        say(f"\n-- {name}: {cfg.describe()}; activations {method}, weights {wmethod}, bias correction {bc}; "
+            f"256 calibration images --")
         t0 = time.perf_counter()
-        prog = compile_model(model, xtr[:256], cfg, method=method)
+        prog = compile_model(model, xtr[:256], cfg, method=method, weight_method=wmethod, bias_correction=bc)
         compile_s = time.perf_counter() - t0
         write_outputs(prog, out / "model", {"model": "quarry_cnn", "data": "mnist", "method": method,
                                             "compile_seconds": round(compile_s, 3)})
