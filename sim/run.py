@@ -39,6 +39,15 @@ class ModelRun:
     seconds: float = 0.0
     build_seconds: float = 0.0
 
+    def add(self, prog: Program, out, cycles: int) -> None:
+        """Record one image: its raw output accumulator rows and cycle count."""
+        out = np.asarray(out)
+        self.outputs.append(out)
+        logits = decode_output(prog, out).reshape(-1)
+        self.logits.append(logits)
+        self.predictions.append(int(np.argmax(logits)))
+        self.cycles.append(cycles)
+
     def accuracy(self, labels) -> float:
         return float(np.mean(np.asarray(self.predictions) == np.asarray(labels[:len(self.predictions)])))
 
@@ -78,12 +87,7 @@ def run_golden(prog: Program, images, progress: bool = True) -> ModelRun:
         addr, rows = quantize_input(prog, img)
         m.spad[addr:addr + len(rows)] = rows
         r = m.run(prog)
-        out = m.acc[a0:a0 + na].copy()
-        res.outputs.append(out)
-        logits = decode_output(prog, out).reshape(-1)
-        res.logits.append(logits)
-        res.predictions.append(int(np.argmax(logits)))
-        res.cycles.append(r.cycles)
+        res.add(prog, m.acc[a0:a0 + na].copy(), r.cycles)
     res.seconds = time.perf_counter() - t0
     return res
 
@@ -132,12 +136,7 @@ def run_verilator(prog: Program, images, *, rom: bool = True, chunk: int = 10, p
         for r in rtl.run(jobs[i:i + chunk], isolate=False):
             if r.timed_out:
                 raise RunError(f"RTL timed out after {r.cycles} cycles")
-            out = np.asarray(r.reads[0])
-            res.outputs.append(out)
-            logits = decode_output(prog, out).reshape(-1)
-            res.logits.append(logits)
-            res.predictions.append(int(np.argmax(logits)))
-            res.cycles.append(r.cycles)
+            res.add(prog, r.reads[0], r.cycles)
     res.seconds = time.perf_counter() - t1
     return res
 
