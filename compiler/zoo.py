@@ -6,7 +6,8 @@
 
 Training (:data:`RECIPES`): AdamW with a one-cycle learning rate and label smoothing; MNIST
 (4,000 images) adds random affine augmentation (small shifts, rotations and zooms), Fashion-MNIST
-draws 10,000 of its 60,000 images per epoch. Each takes one to three minutes on two CPU cores. It is deterministic: seeded generators for
+draws 10,000 of its 60,000 images per epoch. Measured on an idle 2-core machine: MNIST 52 s,
+Fashion-MNIST 122 s. It is deterministic: seeded generators for
 initialisation, shuffling and augmentation, ``torch.use_deterministic_algorithms`` and a fixed
 thread count (CPU kernels may split reductions differently with another thread count). The
 cache file name carries :data:`RECIPE_VERSION`, so a changed recipe never loads stale weights;
@@ -15,8 +16,10 @@ a JSON sidecar records how the cached model was trained.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -173,18 +176,24 @@ def trained(name: str = "quarry_cnn", dataset: str = "mnist", cache: Path = Path
     if name not in MODELS:
         raise KeyError(f"unknown model {name!r} (known: {', '.join(MODELS)})")
     path, meta = _paths(name, dataset, cache)
-    model = MODELS[name]()
-    if epochs is None and path.exists():
-        model.load_state_dict(torch.load(path, weights_only=True))
-        return model.eval()
-    log(f"training {name} on {dataset} (cached at {path}) ...")
-    model, record = train(name, dataset, epochs, log=log)
     if epochs is not None:
-        return model
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for dst, write in ((path, lambda p: torch.save(model.state_dict(), p)),
-                       (meta, lambda p: p.write_text(json.dumps(record, indent=1) + "\n"))):
-        tmp = dst.with_suffix(dst.suffix + ".tmp")
-        write(tmp)
-        tmp.replace(dst)
-    return model
+        log(f"training {name} on {dataset} for {epochs} epochs (not cached) ...")
+        return train(name, dataset, epochs, log=log)[0]
+    model = MODELS[name]()
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Several processes (pytest-xdist workers, a benchmark next to the tests) may ask for the
+        # same model at once: one trains, the others wait for it and load its result.
+        with open(path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not path.exists():
+                log(f"training {name} on {dataset} (cached at {path}) ...")
+                model, record = train(name, dataset, log=log)
+                for dst, write in ((path, lambda p: torch.save(model.state_dict(), p)),
+                                   (meta, lambda p: p.write_text(json.dumps(record, indent=1) + "\n"))):
+                    tmp = dst.with_suffix(dst.suffix + f".{os.getpid()}.tmp")
+                    write(tmp)
+                    tmp.replace(dst)
+                return model
+    model.load_state_dict(torch.load(path, weights_only=True))
+    return model.eval()
