@@ -20,11 +20,12 @@ def compile(model, calibration, config, *, method: str = "percentile", w_bits: i
     scales and zero points (:mod:`compiler.fx_import`); ``calibration`` then only gives the input
     shape, and the quantization options must be left at their defaults.
     """
-    from .frontend import capture
+    from .frontend import capture, check_calibration
     from .fx_import import compile_fx, is_fx_quantized
     from .lower import lower
     from .quantize import QuantOptions, quantize
 
+    calibration = check_calibration(calibration)
     if is_fx_quantized(model):
         given = [name for name, v, default in (("method", method, "percentile"), ("w_bits", w_bits, None),
                                                ("a_bits", a_bits, None), ("bias_correction", bias_correction, False),

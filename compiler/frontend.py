@@ -14,7 +14,9 @@ is not reported again unless it is unsupported itself.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import operator
 from dataclasses import dataclass, field
 
@@ -229,12 +231,16 @@ def capture(model: nn.Module, input_shape: tuple) -> Graph:
     gm.graph.eliminate_dead_code()
     gm.recompile()
     # Batch 2, so a reshape that merges the batch dimension is visible in the shapes.
-    shape_error = None
+    shape_error = failing_node = None
     try:
-        with torch.no_grad():
+        # ShapeProp prints the traceback of a failing node to stderr before re-raising; the
+        # user gets one line (below) instead.
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             fx.passes.shape_prop.ShapeProp(gm).propagate(torch.zeros(2, *input_shape))
     except Exception as e:  # noqa: BLE001 - whatever the model raises
-        shape_error = e
+        # ShapeProp wraps the model's own error in one that dumps the node's metadata.
+        shape_error = e.__cause__ if e.__cause__ is not None else e
+        failing_node = str(e).split("node=", 1)[1].split(" ", 1)[0] if "node=" in str(e) else None
     mods = dict(gm.named_modules(remove_duplicate=False))  # shared modules have several names
     problems = []
     layers: list[Layer] = []
@@ -448,7 +454,37 @@ def capture(model: nn.Module, input_shape: tuple) -> Graph:
         raise UnsupportedOpError(problems)
     if shape_error is not None:
         msg = " ".join(str(shape_error).split()) or type(shape_error).__name__
-        raise CaptureError(f"the model does not run on inputs of shape (N, {', '.join(map(str, input_shape))}): {msg}")
+        where = f" (at {failing_node})" if failing_node else ""
+        raise CaptureError(f"the model does not run on inputs of shape (N, {', '.join(map(str, input_shape))})"
+                           f"{where}: {msg}")
     if output is None:
         raise CaptureError("the model has no tensor output")
+    bad_values = []
+    for l in layers:  # after BatchNorm folding, which can itself produce inf (zero variance)
+        for what, t in (("weight", l.weight), ("bias", l.bias)):
+            if t is not None and not bool(torch.isfinite(t).all()):
+                n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+                name = l.name if l.torch_node in ("", l.name) else f"{l.name} ({l.torch_node})"
+                bad_values.append(f"layer {name} {what}: {n_nan} NaN, {n_inf} inf")
+    if bad_values:
+        raise CaptureError(f"non-finite parameters (after BatchNorm folding): {'; '.join(bad_values)}")
     return Graph(layers, input_shape, output)
+
+
+def check_calibration(calib) -> torch.Tensor:
+    """The calibration set as a float tensor (N, C, H, W), or :class:`CaptureError` naming what is
+    wrong with it (not a tensor or array, wrong rank, empty, non-finite values)."""
+    try:
+        t = torch.as_tensor(calib)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CaptureError(f"calibration set must be a tensor or array of images (N, C, H, W): {e}") from None
+    if t.dim() != 4:
+        raise CaptureError(f"calibration set must have shape (N, C, H, W), not {tuple(t.shape)}")
+    if t.shape[0] == 0:
+        raise CaptureError(f"calibration set is empty (shape {tuple(t.shape)})")
+    if not (t.is_floating_point() or t.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)):
+        raise CaptureError(f"calibration set has dtype {t.dtype}; give real-valued images")
+    t = t.float()
+    if not bool(torch.isfinite(t).all()):
+        raise CaptureError(f"calibration set has {int((~torch.isfinite(t)).sum())} non-finite values (NaN/inf)")
+    return t

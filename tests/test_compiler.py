@@ -267,7 +267,7 @@ def test_preflight_structural_problems(make, node, reason):
 
 
 def test_preflight_shape_and_trace_errors():
-    with pytest.raises(CaptureError, match=r"^the model does not run on inputs of shape \(N, 3, 8, 8\): "):
+    with pytest.raises(CaptureError, match=r"^the model does not run on inputs of shape \(N, 3, 8, 8\) \(at %_0\): Given"):
         capture(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(72, 2)), (3, 8, 8))
 
     class Branchy(nn.Module):
