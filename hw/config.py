@@ -14,11 +14,19 @@ import math
 import re
 from dataclasses import dataclass
 
-__all__ = ["AccelConfig", "ConfigError", "PE_KINDS"]
+__all__ = ["AccelConfig", "ConfigError", "PE_KINDS", "POT_EXP_CAP"]
 
 #: PE kinds. ``int``: signed integer multiply. ``pot``: power-of-two weights (shift, no multiplier).
-#: ``hybrid``: both, selected per instruction. Only ``int`` has RTL so far.
+#: ``hybrid``: both, selected per MATMUL (its ``pot`` field). The PoT weight format is defined in
+#: :mod:`hw.isa` (``pot_code_layout``, ``pot_encode``, ``pot_decode``).
 PE_KINDS = ("int", "pot", "hybrid")
+
+#: Largest PoT weight exponent at any ``w_bits``. A ``w_bits`` code has ``2**(w_bits-1) - 1``
+#: non-zero magnitudes, i.e. exponents up to ``2**(w_bits-1) - 2`` (126 at 8 bits). 16 octaves
+#: (2**0 .. 2**15) is already more dynamic range than PoT quantizers use (INQ spans 8 octaves at
+#: 5 bits), and capping there keeps a W8A8 PoT accumulator at the default wmem depth at 36 bits,
+#: the same ``acc_width + mult_bits <= 60`` budget as W8A8 int. Codes beyond the cap are illegal.
+POT_EXP_CAP = 15
 
 _MAX_DIM = 32
 _MIN_BITS, _MAX_BITS = 2, 8
@@ -93,7 +101,7 @@ class AccelConfig:
         check_int("shift_bits", 4, 6)
         check_int("pool_mult_bits", 4, 16)
         check_int("dim_bits", 4, 12)
-        lo = self.w_bits + self.a_bits + 1
+        lo = self.product_bits + 1
         if self.acc_bits is not None:
             check_int("acc_bits", lo, 48)
         if self.acc_width + self.mult_bits > 60:
@@ -107,16 +115,37 @@ class AccelConfig:
     # -- derived widths -------------------------------------------------------------------------
 
     @property
+    def pot_max_exp(self) -> int:
+        """Largest exponent of a PoT weight: ``min(2**(w_bits-1) - 2, POT_EXP_CAP)``.
+
+        Defined for every ``pe_kind`` (it is a property of the ``w_bits`` number format); only
+        ``pot`` and ``hybrid`` PEs use it.
+        """
+        return min((1 << (self.w_bits - 1)) - 2, POT_EXP_CAP)
+
+    @property
+    def product_bits(self) -> int:
+        """Signed width of the largest weight x activation product the PEs can form.
+
+        Activations are ``a_bits`` signed or unsigned, so ``|a| <= 2**a_bits - 1``. An int weight
+        (``|w| <= 2**(w_bits-1)``) gives ``w_bits + a_bits`` bits; a PoT weight
+        (``|w| <= 2**pot_max_exp``) gives ``a_bits + 1 + pot_max_exp``. ``hybrid`` does both.
+        """
+        int_bits = self.w_bits + self.a_bits
+        pot_bits = self.a_bits + 1 + self.pot_max_exp
+        return {"int": int_bits, "pot": pot_bits}.get(self.pe_kind, max(int_bits, pot_bits))
+
+    @property
     def acc_width(self) -> int:
         """Accumulator width.
 
-        A signed ``w_bits`` weight times an unsigned ``a_bits`` activation needs
-        ``w_bits + a_bits`` bits; the largest reduction the weight memory can hold is
-        ``wmem_depth`` terms (one weight row per reduction index), adding ``ceil(log2)`` bits.
+        One product needs :attr:`product_bits`; the largest reduction the weight memory can hold
+        is ``wmem_depth`` terms (one weight row per reduction index), adding ``ceil(log2)`` bits,
+        so no sum of a legal program overflows (a PoT W8A8 config at the default depth: 36 bits).
         """
         if self.acc_bits is not None:
             return self.acc_bits
-        return self.w_bits + self.a_bits + _clog2(self.wmem_depth)
+        return self.product_bits + _clog2(self.wmem_depth)
 
     @property
     def act_ext_bits(self) -> int:

@@ -10,8 +10,9 @@ Machine model (see ``docs/ISA.md``, generated from this file):
 * **spad** — activation scratchpad, ``spad_depth`` rows of ``rows`` activations (raw ``a_bits``
   patterns; each instruction that reads them says whether they are signed). A tensor of shape
   (C, H, W) is stored as ``ceil(C / rows)`` channel blocks, each ``H*W`` consecutive rows.
-* **wmem** — weight memory, rows of ``cols`` signed weights; row ``k`` holds the weights of
-  reduction index ``k`` for ``cols`` output channels.
+* **wmem** — weight memory, rows of ``cols`` ``w_bits`` weights; row ``k`` holds the weights of
+  reduction index ``k`` for ``cols`` output channels. A lane is a signed integer weight, or (for
+  a MATMUL with ``pot = 1``) a power-of-two weight code (``pot_code_layout``).
 * **acc** — accumulator memory, rows of ``cols`` signed ``acc_width`` accumulators.
 * **param** — per-channel requantization parameters, rows of ``cols`` lanes.
 * two weight banks in the array (double buffering): ``PRELOAD`` fills one while ``MATMUL`` uses
@@ -24,6 +25,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import Mapping
 
+import numpy as np
 from amaranth.hdl import signed, unsigned
 from amaranth.lib import data, enum
 
@@ -33,6 +35,7 @@ __all__ = [
     "Opcode", "PoolMode", "IsaError", "Instr", "FIELDS", "instr_layout", "args_layout", "instr_bits",
     "wmem_row_layout", "spad_row_layout", "acc_row_layout", "param_lane_layout", "param_row_layout",
     "HostMem", "host_row_bits", "host_depths", "host_data_bits", "host_addr_bits",
+    "pot_code_layout", "pot_values", "pot_encode", "pot_decode", "PotError", "POT_MODES", "check_pot_mode",
     "encode", "decode", "OPCODE_BITS", "STRIDE_BITS", "OFFSET_BITS", "KERNEL_BITS", "POOL_SHIFT_BITS",
 ]
 
@@ -73,6 +76,10 @@ class PoolMode(enum.Enum, shape=1):
 
 class IsaError(ValueError):
     """An instruction field value is out of range, or a word does not decode."""
+
+
+class PotError(IsaError):
+    """A value is not a PoT weight of the config, or a code is not a legal PoT code."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +124,8 @@ FIELDS: dict[Opcode, tuple[Field, ...]] = {
         _f("off_h", OFFSET_BITS, "input row of output row 0 (kernel tap minus padding)", signed=True),
         _f("off_w", OFFSET_BITS, "input column of output column 0", signed=True),
         _f("acc_base", lambda c: c.acc_addr_bits, "acc row of output pixel (0, 0); rows are consecutive"),
+        # Last, so programs written before PoT PEs existed decode unchanged (pot = 0).
+        _f("pot", 1, "bank weights are PoT codes (pe_kind pot: must be 1; int: 0; hybrid: either)"),
     ),
     Opcode.POST: (
         _f("acc_base", lambda c: c.acc_addr_bits, "first acc row"),
@@ -186,6 +195,109 @@ def instr_layout(cfg: AccelConfig) -> data.StructLayout:
 @functools.lru_cache(maxsize=None)
 def wmem_row_layout(cfg: AccelConfig) -> data.ArrayLayout:
     return data.ArrayLayout(signed(cfg.w_bits), cfg.cols)
+
+
+@functools.lru_cache(maxsize=None)
+def pot_code_layout(cfg: AccelConfig) -> data.StructLayout:
+    """A power-of-two weight code, one ``w_bits`` wmem lane (LSB first).
+
+    ``mag`` = k (``w_bits - 1`` bits), ``sign`` = the MSB. ``k == 0`` is the weight 0 (either
+    sign); ``1 <= k <= cfg.pot_max_exp + 1`` is ``(-1)**sign * 2**(k-1)``; larger ``k`` (only
+    possible when ``POT_EXP_CAP`` caps the exponent) is illegal. A PE multiplies by such a weight
+    with an arithmetic shift of the activation by ``k - 1``.
+    """
+    return data.StructLayout({"mag": unsigned(cfg.w_bits - 1), "sign": unsigned(1)})
+
+
+#: Marks an illegal code in the decode table (no weight is this value).
+_ILLEGAL = np.iinfo(np.int64).min
+
+
+def _lane_value(cfg: AccelConfig, pattern: int) -> int:
+    """A ``w_bits`` pattern as the signed integer a wmem lane (``wmem_row_layout``) holds."""
+    return pattern - (1 << cfg.w_bits) if pattern >> (cfg.w_bits - 1) else pattern
+
+
+@functools.lru_cache(maxsize=None)
+def _pot_tables(cfg: AccelConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(value of every code pattern 0..2**w_bits-1 (``_ILLEGAL`` where illegal), sorted legal
+    values, the lane value of each one's code), built through :func:`pot_code_layout`."""
+    lay = pot_code_layout(cfg)
+    decode = np.full(1 << cfg.w_bits, _ILLEGAL, np.int64)
+    for pattern in range(1 << cfg.w_bits):
+        c = lay.from_bits(pattern)
+        k, sign = int(c.mag), int(c.sign)
+        if k <= cfg.pot_max_exp + 1:
+            decode[pattern] = 0 if k == 0 else (-1) ** sign << (k - 1)
+    values = np.unique(decode[decode != _ILLEGAL])
+    # Zero's code has sign 0; 2**e has k = e + 1 = bit_length.
+    codes = np.array([_lane_value(cfg, lay.const({"mag": abs(int(v)).bit_length(), "sign": int(v < 0)}).as_bits())
+                      for v in values], np.int64)
+    return decode, values, codes
+
+
+def pot_values(cfg: AccelConfig) -> np.ndarray:
+    """Every weight value a PoT code of ``cfg`` can hold, ascending: 0 and ``+-2**e`` for
+    ``0 <= e <= cfg.pot_max_exp``."""
+    return _pot_tables(cfg)[1].copy()
+
+
+def pot_encode(value, cfg: AccelConfig):
+    """PoT code(s) of weight value(s) (int or integer array; vectorised).
+
+    A code is returned as the signed ``w_bits`` integer with the code's bit pattern, i.e. the
+    value a wmem lane holds (:func:`wmem_row_layout` is signed), so PoT weights pack, unpack and
+    travel exactly like int weights. Raises :class:`PotError` naming the first value that is not
+    0 or ``+-2**e`` with ``0 <= e <= cfg.pot_max_exp``.
+    """
+    _, values, codes = _pot_tables(cfg)
+    v = np.asarray(value)
+    if v.dtype.kind not in "iu" and not (v.dtype.kind == "f" and np.array_equal(v, np.round(v))):
+        raise PotError(f"PoT weights must be integers, not {v.dtype} values")
+    v = v.astype(np.int64)
+    i = np.clip(np.searchsorted(values, v), 0, len(values) - 1)
+    bad = values[i] != v
+    if bad.any():
+        raise PotError(f"{int(v[bad].flat[0])} is not a PoT weight of w_bits {cfg.w_bits} "
+                       f"(0 or +-2**e, 0 <= e <= {cfg.pot_max_exp})")
+    out = codes[i]
+    return int(out) if out.ndim == 0 else out
+
+
+def pot_decode(code, cfg: AccelConfig):
+    """Weight value(s) of PoT code(s) (int or integer array; vectorised).
+
+    A code may be given as its unsigned ``w_bits`` pattern or as the signed lane value
+    :func:`pot_encode` returns and the golden model's wmem holds. Raises :class:`PotError` for a
+    value outside both ranges or a code whose exponent exceeds ``cfg.pot_max_exp``.
+    """
+    table = _pot_tables(cfg)[0]
+    c = np.asarray(code)
+    if c.dtype.kind not in "iu":
+        raise PotError(f"PoT codes must be integers, not {c.dtype} values")
+    c = c.astype(np.int64)
+    lo, hi = -(1 << (cfg.w_bits - 1)), (1 << cfg.w_bits) - 1
+    out_of_range = (c < lo) | (c > hi)
+    if out_of_range.any():
+        raise PotError(f"PoT code {int(c[out_of_range].flat[0])} does not fit w_bits {cfg.w_bits} ({lo}..{hi})")
+    out = table[c & ((1 << cfg.w_bits) - 1)]
+    bad = out == _ILLEGAL
+    if bad.any():
+        pattern = int(c[bad].flat[0]) & ((1 << cfg.w_bits) - 1)
+        raise PotError(f"PoT code {pattern:#x} has exponent {int(pot_code_layout(cfg).from_bits(pattern).mag) - 1} "
+                       f"> pot_max_exp {cfg.pot_max_exp} (w_bits {cfg.w_bits})")
+    return int(out) if out.ndim == 0 else out
+
+
+#: MATMUL ``pot`` values each ``pe_kind`` executes.
+POT_MODES = {"int": (0,), "pot": (1,), "hybrid": (0, 1)}
+
+
+def check_pot_mode(cfg: AccelConfig, pot: int) -> None:
+    """Raise :class:`IsaError` unless a MATMUL with this ``pot`` field runs on ``cfg``'s PEs."""
+    if pot not in POT_MODES[cfg.pe_kind]:
+        raise IsaError(f"MATMUL.pot = {pot} is not allowed for pe_kind {cfg.pe_kind} "
+                       f"(allowed: {', '.join(map(str, POT_MODES[cfg.pe_kind]))})")
 
 
 @functools.lru_cache(maxsize=None)
@@ -261,6 +373,8 @@ class Instr:
             lo, hi = _range(lay[name].shape)
             if not lo <= v <= hi:
                 raise IsaError(f"{self.op.name}.{name} = {v} does not fit ({lo}..{hi}) for {cfg.describe()}")
+        if self.op is Opcode.MATMUL:
+            check_pot_mode(cfg, self.args["pot"])
 
     def encode(self, cfg: AccelConfig) -> int:
         self.check(cfg)
@@ -325,11 +439,11 @@ def preload(*, bank: int, w_addr: int, n_rows: int) -> Instr:
 
 def matmul(*, bank: int, spad_base: int, acc_base: int, in_h: int = 1, in_w: int, out_h: int = 1,
            out_w: int, stride_h: int = 1, stride_w: int = 1, off_h: int = 0, off_w: int = 0,
-           accumulate: bool = False, a_signed: bool = False) -> Instr:
+           accumulate: bool = False, a_signed: bool = False, pot: bool = False) -> Instr:
     return Instr(Opcode.MATMUL, dict(
         bank=bank, accumulate=int(accumulate), a_signed=int(a_signed), spad_base=spad_base,
         in_h=in_h, in_w=in_w, out_h=out_h, out_w=out_w, stride_h=stride_h, stride_w=stride_w,
-        off_h=off_h, off_w=off_w, acc_base=acc_base))
+        off_h=off_h, off_w=off_w, acc_base=acc_base, pot=int(pot)))
 
 
 def post(*, acc_base: int, spad_base: int, n: int, param_addr: int, n_lanes: int, lo: int, hi: int,

@@ -18,7 +18,7 @@ from amaranth.hdl import Shape
 from amaranth.lib import data, enum
 
 from . import isa
-from .config import AccelConfig
+from .config import POT_EXP_CAP, AccelConfig
 from .program import atomic_write
 
 __all__ = ["render", "member_docs", "field_rows", "DEFAULT_PATH", "main"]
@@ -164,6 +164,22 @@ def render(cfg: AccelConfig = AccelConfig()) -> str:
         w, signed, _ = _shape_info(f.shape)
         prow.append([f"`{name}`", f"{f.offset}..{f.offset + w - 1}", w, "yes" if signed else "no"])
     out += _table(["Field", "Bits (LSB..MSB)", "Width", "Signed"], prow)
+    out += ["", "PoT weight code (a wmem lane, when a MATMUL has `pot = 1`):", ""]
+    out += _table(["Field", "Bits (LSB..MSB)", "Width", "Signed"],
+                  [[f"`{name}`", f"{f.offset}..{f.offset + f.width - 1}", f.width, "no"]
+                   for name, f in isa.pot_code_layout(cfg)])
+    out += [
+        "",
+        _md(inspect.getdoc(isa.pot_code_layout).split("\n\n", 1)[1]).replace("\n", " "),
+        "",
+        f"The largest exponent is `min(2**(w_bits-1) - 2, POT_EXP_CAP)` with `POT_EXP_CAP` = "
+        f"{POT_EXP_CAP} ({cfg.pot_max_exp} at `w_bits` = {cfg.w_bits}). The accumulator is sized for "
+        "the widest product of the PE kind (`AccelConfig.product_bits`: `w_bits + a_bits` for int, "
+        "`a_bits + 1 + max exponent` for PoT, the larger for hybrid) summed over `wmem_depth` rows. "
+        "Which `pot` values a MATMUL may carry depends on `pe_kind`: "
+        + "; ".join(f"`{k}`: {' or '.join(map(str, v))}" for k, v in isa.POT_MODES.items())
+        + " (the golden model rejects anything else).",
+    ]
     lane_doc = _md(inspect.getdoc(isa.param_lane_layout))
     formula = re.search(r"`(y = .*?)`", lane_doc).group(1)
     out += [

@@ -192,8 +192,8 @@ class Machine:
                 raise GoldenError(f"no HALT within {max_instrs} instructions")
             try:
                 res.macs += self.execute(ins)
-            except GoldenError as e:
-                raise GoldenError(f"instruction {pc} ({ins.op.name}): {e}") from None
+            except (GoldenError, isa.IsaError) as e:
+                raise type(e)(f"instruction {pc} ({ins.op.name}): {e}") from None
             issue, done = model.step(ins)
             res.issue.append(issue)
             res.done.append(done)
@@ -240,6 +240,7 @@ class Machine:
 
     def _matmul(self, a) -> int:
         cfg = self.cfg
+        isa.check_pot_mode(cfg, a["pot"])
         m = a["out_h"] * a["out_w"]
         if m == 0 or a["in_w"] == 0:
             raise GoldenError("out_h, out_w and in_w must be > 0")
@@ -247,7 +248,13 @@ class Machine:
         addr, inside = self._window(a["spad_base"], a["in_h"], a["in_w"], a["out_h"], a["out_w"],
                                     a["stride_h"], a["stride_w"], a["off_h"], a["off_w"])
         x = _as_signed(self.spad[addr], cfg.a_bits, a["a_signed"]) * inside[:, None]
-        psum = x @ self.banks[a["bank"]]
+        w = self.banks[a["bank"]]
+        if a["pot"]:
+            try:
+                w = isa.pot_decode(w, cfg)
+            except isa.PotError as e:
+                raise isa.PotError(f"bank {a['bank']}: {e}") from None
+        psum = x @ w
         rows = slice(a["acc_base"], a["acc_base"] + m)
         old = self.acc[rows] if a["accumulate"] else 0
         self.acc[rows] = wrap(old + psum, cfg.acc_width)

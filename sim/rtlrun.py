@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hw.config import AccelConfig
-from hw.isa import HostMem
+from hw.isa import HostMem, IsaError
 from hw.program import Program
 
 from .golden import GoldenError, Machine
@@ -177,7 +177,7 @@ def compare(cfg: AccelConfig, jobs, rtl: RtlSim, *, cycle_tolerance: float = 0.0
     for j, job in enumerate(jobs):
         try:
             golden.append(golden_job(cfg, job, rtl))
-        except (GoldenError, JobError) as e:
+        except (GoldenError, IsaError, JobError) as e:
             raise JobError(f"job {j}: {e}") from None
     # The prediction is known here; don't make run() execute every program a second time.
     run_jobs = [dataclasses.replace(job, timeout_cycles=timeout_for(cyc))

@@ -41,7 +41,7 @@ import numpy as np
 
 from hw import isa
 from hw.config import AccelConfig
-from hw.isa import HostMem, Opcode
+from hw.isa import HostMem, IsaError, Opcode
 from hw.program import Program, ProgramError, pack_rows, unpack_rows
 
 __all__ = [
@@ -356,7 +356,7 @@ def default_timeout(cfg: AccelConfig, program: Program) -> int:
 
     try:
         return timeout_for(predict_cycles(cfg, program))
-    except (GoldenError, ProgramError):
+    except (GoldenError, ProgramError, IsaError):
         return 1_000_000
 
 

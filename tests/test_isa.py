@@ -25,6 +25,8 @@ CONFIGS = [
     # Non-power-of-two depths and narrow fields.
     AccelConfig(rows=3, cols=5, w_bits=3, a_bits=5, spad_depth=100, acc_depth=33, wmem_depth=17,
                 imem_depth=9, param_depth=3, mult_bits=8, shift_bits=4, pool_mult_bits=4, dim_bits=4),
+    AccelConfig(rows=4, cols=4, w_bits=4, a_bits=8, pe_kind="pot"),
+    AccelConfig(rows=8, cols=8, w_bits=8, a_bits=8, pe_kind="hybrid"),
 ]
 CFG_IDS = [c.describe() for c in CONFIGS]
 
@@ -47,9 +49,22 @@ def field_width(shape):
     return Shape.cast(shape).width
 
 
+def legal_range(cfg, op, name, shape):
+    """Field range, narrowed by the ISA's config rules (MATMUL.pot must suit cfg.pe_kind)."""
+    if op is Opcode.MATMUL and name == "pot":
+        modes = isa.POT_MODES[cfg.pe_kind]
+        return min(modes), max(modes)
+    return field_range(shape)
+
+
+def minimal_instr(cfg, op):
+    """The legal instruction with every field at the bottom of its legal range."""
+    return Instr(op, {n: legal_range(cfg, op, n, f.shape)[0] for n, f in isa.args_layout(cfg, op)})
+
+
 def args_strategy(cfg, op):
     lay = isa.args_layout(cfg, op)
-    return st.fixed_dictionaries({name: st.integers(*field_range(f.shape)) for name, f in lay})
+    return st.fixed_dictionaries({name: st.integers(*legal_range(cfg, op, name, f.shape)) for name, f in lay})
 
 
 def check_round_trip(cfg, op, args):
@@ -87,7 +102,7 @@ def test_encode_decode_round_trip(cfg, op):
 def test_field_extremes_round_trip(cfg, op):
     lay = isa.args_layout(cfg, op)
     for pick in (0, 1):
-        check_round_trip(cfg, op, {n: field_range(f.shape)[pick] for n, f in lay})
+        check_round_trip(cfg, op, {n: legal_range(cfg, op, n, f.shape)[pick] for n, f in lay})
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=CFG_IDS)
@@ -141,7 +156,7 @@ def test_unknown_opcode_raises(cfg):
 @pytest.mark.parametrize("op", list(Opcode), ids=lambda o: o.name)
 def test_stray_high_bits_raise(cfg, op):
     nbits = isa.instr_bits(cfg)
-    word = Instr(op).encode(cfg)
+    word = minimal_instr(cfg, op).encode(cfg)
     used = isa.OPCODE_BITS + isa.args_layout(cfg, op).size
     for bit in sorted({used, (used + nbits - 1) // 2, nbits - 1}):
         if bit < used:
@@ -160,7 +175,7 @@ def _builder_case(cfg, op, args):
     if op is Opcode.PRELOAD:
         return isa.preload(**args), args
     if op is Opcode.MATMUL:
-        kw = dict(args, accumulate=bool(args["accumulate"]), a_signed=bool(args["a_signed"]))
+        kw = dict(args, accumulate=bool(args["accumulate"]), a_signed=bool(args["a_signed"]), pot=bool(args["pot"]))
         return isa.matmul(**kw), args
     if op is Opcode.POST:
         kw = {k: v for k, v in args.items() if k not in ("res_en", "res_base")}
