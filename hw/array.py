@@ -6,9 +6,10 @@ from amaranth.hdl import Module, Mux, Signal, signed
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
+from . import isa
 from .config import AccelConfig
 
-__all__ = ["IntPE", "SystolicArray", "delay"]
+__all__ = ["IntPE", "PotPE", "HybridPE", "PE_CLASSES", "SystolicArray", "delay", "pot_product"]
 
 
 def delay(m: Module, sig, n: int, name: str = "dly"):
@@ -20,13 +21,27 @@ def delay(m: Module, sig, n: int, name: str = "dly"):
     return sig
 
 
-class IntPE(wiring.Component):
-    """Integer weight-stationary processing element.
+def pot_product(cfg: AccelConfig, code, a):
+    """``pot_decode(code) * a`` without a multiplier: an arithmetic left shift of ``a``.
+
+    The sign and zero flag are applied to the narrow activation (``a_bits + 2`` bits) before the
+    shift, which is cheaper than negating the wide shifted value. Only ``pot_max_exp.bit_length()``
+    bits of the exponent reach the shifter: codes above ``pot_max_exp`` are illegal (the golden
+    model rejects them), so their high exponent bits need no hardware.
+    """
+    c = data.View(isa.pot_code_layout(cfg), code)
+    x = Mux(c.mag == 0, 0, Mux(c.sign, -a, a))
+    exp_bits = cfg.pot_max_exp.bit_length()
+    return x if exp_bits == 0 else x << (c.mag - 1)[:exp_bits]
+
+
+class _PE(wiring.Component):
+    """Weight-stationary PE skeleton; subclasses define the product term.
 
     Holds two weight registers (banks) so the next tile's weights load while this tile runs.
     Each cycle it passes the activation (and the bank bit travelling with it) to the right and
-    adds ``weight[bank] * activation`` to the partial sum coming from above. Both outputs are
-    registered, which makes every PE-to-PE path one multiply-add long at any array size.
+    adds ``product(weight[bank], activation)`` to the partial sum coming from above. All outputs
+    are registered, which makes every PE-to-PE path one multiply-add long at any array size.
 
     Ports
     -----
@@ -37,19 +52,25 @@ class IntPE(wiring.Component):
     psum_in, psum_out : signed(acc_width)
         Partial sum; wraps modulo ``2**acc_width`` exactly like the accumulator memory.
     w_data, w_we, w_bank : weight load (``w_we`` writes ``w_data`` into bank ``w_bank``).
-
-    The ``pot`` and ``hybrid`` kinds (a later issue) keep these ports and change only the
-    product term.
     """
+
+    #: The PE has ``pot_in``/``pot_out``: a per-activation mode bit that travels like ``bank``.
+    HAS_MODE = False
 
     def __init__(self, cfg: AccelConfig):
         self._cfg = cfg
-        super().__init__({
+        ports = {
             "a_in": In(signed(cfg.act_ext_bits)), "a_out": Out(signed(cfg.act_ext_bits)),
             "bank_in": In(1), "bank_out": Out(1),
             "psum_in": In(signed(cfg.acc_width)), "psum_out": Out(signed(cfg.acc_width)),
             "w_data": In(signed(cfg.w_bits)), "w_we": In(1), "w_bank": In(1),
-        })
+        }
+        if self.HAS_MODE:
+            ports.update(pot_in=In(1), pot_out=Out(1))
+        super().__init__(ports)
+
+    def product(self, weight, a):
+        raise NotImplementedError
 
     def elaborate(self, platform):
         m = Module()
@@ -64,9 +85,43 @@ class IntPE(wiring.Component):
         m.d.sync += [
             self.a_out.eq(self.a_in),
             self.bank_out.eq(self.bank_in),
-            self.psum_out.eq(self.psum_in + weight * self.a_in),
+            self.psum_out.eq(self.psum_in + self.product(weight, self.a_in)),
         ]
+        if self.HAS_MODE:
+            m.d.sync += self.pot_out.eq(self.pot_in)
         return m
+
+
+class IntPE(_PE):
+    """Integer PE: ``psum += weight * a`` with a signed ``w_bits`` weight (ports: see ``_PE``)."""
+
+    def product(self, weight, a):
+        return weight * a
+
+
+class PotPE(_PE):
+    """Power-of-two PE: the weights are PoT codes (``hw.isa.pot_code_layout``) and the product
+    is a shift (:func:`pot_product`), no multiplier. Same ports as :class:`IntPE`."""
+
+    def product(self, weight, a):
+        return pot_product(self._cfg, weight, a)
+
+
+class HybridPE(_PE):
+    """Int and PoT datapaths side by side, chosen per activation by ``pot_in``.
+
+    Extra ports: ``pot_in``/``pot_out`` (1 bit), registered like ``bank``, so consecutive
+    MATMULs in different modes can be in the array at the same time.
+    """
+
+    HAS_MODE = True
+
+    def product(self, weight, a):
+        return Mux(self.pot_in, pot_product(self._cfg, weight, a), weight * a)
+
+
+#: PE class of each ``AccelConfig.pe_kind``.
+PE_CLASSES = {"int": IntPE, "pot": PotPE, "hybrid": HybridPE}
 
 
 class SystolicArray(wiring.Component):
@@ -76,7 +131,9 @@ class SystolicArray(wiring.Component):
     on ``a_vec`` in cycle ``t`` appears, summed over rows, on ``psum`` in cycle
     ``t + rows + cols - 1`` (all columns aligned). Weights are written one row per cycle with
     ``w_we``/``w_row_idx``/``w_bank``; the bank bit of each vector travels with it through the
-    PEs, so a bank can be rewritten while the other one is in use.
+    PEs, so a bank can be rewritten while the other one is in use. The PEs are
+    ``PE_CLASSES[cfg.pe_kind]``; ``a_pot`` (the vector's MATMUL ``pot`` field) travels with the
+    vector like ``a_bank`` in a ``hybrid`` array and is unused otherwise (the ISA fixes it).
     """
 
     def __init__(self, cfg: AccelConfig):
@@ -85,6 +142,7 @@ class SystolicArray(wiring.Component):
         super().__init__({
             "a_vec": In(data.ArrayLayout(signed(cfg.act_ext_bits), R)),
             "a_bank": In(1),
+            "a_pot": In(1),
             "w_row": In(data.ArrayLayout(signed(cfg.w_bits), C)),
             "w_row_idx": In(range(R)),
             "w_we": In(1),
@@ -100,7 +158,8 @@ class SystolicArray(wiring.Component):
         m = Module()
         cfg = self._cfg
         R, C = cfg.rows, cfg.cols
-        pes = [[IntPE(cfg) for _ in range(C)] for _ in range(R)]
+        pe_cls = PE_CLASSES[cfg.pe_kind]
+        pes = [[pe_cls(cfg) for _ in range(C)] for _ in range(R)]
         for r in range(R):
             for c in range(C):
                 pe = pes[r][c]
@@ -110,8 +169,13 @@ class SystolicArray(wiring.Component):
                         pe.a_in.eq(delay(m, self.a_vec[r], r, f"skew_a{r}")),
                         pe.bank_in.eq(delay(m, self.a_bank, r, f"skew_b{r}")),
                     ]
+                    if pe_cls.HAS_MODE:
+                        m.d.comb += pe.pot_in.eq(delay(m, self.a_pot, r, f"skew_p{r}"))
                 else:
-                    m.d.comb += [pe.a_in.eq(pes[r][c - 1].a_out), pe.bank_in.eq(pes[r][c - 1].bank_out)]
+                    left = pes[r][c - 1]
+                    m.d.comb += [pe.a_in.eq(left.a_out), pe.bank_in.eq(left.bank_out)]
+                    if pe_cls.HAS_MODE:
+                        m.d.comb += pe.pot_in.eq(left.pot_out)
                 m.d.comb += pe.psum_in.eq(0 if r == 0 else pes[r - 1][c].psum_out)
                 m.d.comb += [
                     pe.w_data.eq(self.w_row[c]),

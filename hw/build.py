@@ -118,8 +118,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = config_from_args(args)
-        if cfg.pe_kind != "int":
-            raise ConfigError("pe_kind", f"pe_kind {cfg.pe_kind!r} has no RTL yet (only 'int')")
         info = build(cfg, args.out, args.rom)
     except ConfigError as e:
         print(f"python -m hw.build: error: {e}", file=sys.stderr)

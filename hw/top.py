@@ -8,6 +8,8 @@ Engines and what they own:
 * **loader** (PRELOAD) — copies weight rows wmem -> one bank of the array, one row per cycle.
 * **matmul engine** (MATMUL) — 2-D window address generator over spad with zero padding; one
   vector per cycle into the array; the array's sums are added into (or overwrite) acc rows.
+  Each vector carries its MATMUL's ``bank`` and ``pot`` bits through the array, so the next
+  MATMUL (other bank, other mode on a hybrid array) can enter behind it.
 * **post engine** (POST) — acc rows through ``cols`` requantization lanes into spad lanes.
 * **pool engine** (POOL) — max/avg over 2-D windows, spad to spad.
 
@@ -55,8 +57,6 @@ class QuarryTop(wiring.Component):
     """
 
     def __init__(self, cfg: AccelConfig, *, wmem_init=None, param_init=None):
-        if cfg.pe_kind != "int":
-            raise ConfigError("pe_kind", f"pe_kind {cfg.pe_kind!r} has no RTL yet (only 'int')")
         self._cfg = cfg
         self._wmem_init = list(wmem_init or [])
         self._param_init = list(param_init or [])
@@ -155,7 +155,7 @@ class QuarryTop(wiring.Component):
         # -- matmul engine state ----------------------------------------------------------------------
         mm_busy = Signal()
         mm = {n: Signal(shape, name=f"mm_{n}") for n, shape in (
-            ("bank", 1), ("acc_mode", 1), ("a_signed", 1),
+            ("bank", 1), ("acc_mode", 1), ("a_signed", 1), ("pot", 1),
             ("in_h", cfg.dim_bits), ("in_w", cfg.dim_bits), ("out_h", cfg.dim_bits), ("out_w", cfg.dim_bits),
             ("stride_h", isa.STRIDE_BITS), ("stride_w", isa.STRIDE_BITS),
             ("off_w", signed(isa.OFFSET_BITS)), ("pitch", cfg.dim_bits + isa.STRIDE_BITS))}
@@ -214,6 +214,7 @@ class QuarryTop(wiring.Component):
             m.d.sync += [
                 mm_busy.eq(1),
                 mm["bank"].eq(a_mm.bank), mm["acc_mode"].eq(a_mm.accumulate), mm["a_signed"].eq(a_mm.a_signed),
+                mm["pot"].eq(a_mm.pot),
                 mm["in_h"].eq(a_mm.in_h), mm["in_w"].eq(a_mm.in_w), mm["out_h"].eq(a_mm.out_h),
                 mm["out_w"].eq(a_mm.out_w), mm["stride_h"].eq(a_mm.stride_h), mm["stride_w"].eq(a_mm.stride_w),
                 mm["off_w"].eq(a_mm.off_w), mm["pitch"].eq(a_mm.stride_h * a_mm.in_w),
@@ -254,12 +255,14 @@ class QuarryTop(wiring.Component):
         inside_b = Signal()
         bank_b = Signal()
         signed_b = Signal()
-        m.d.sync += [ctl_b.eq(ctl_a), inside_b.eq(mm_inside), bank_b.eq(mm["bank"]), signed_b.eq(mm["a_signed"])]
+        pot_b = Signal()
+        m.d.sync += [ctl_b.eq(ctl_a), inside_b.eq(mm_inside), bank_b.eq(mm["bank"]), signed_b.eq(mm["a_signed"]),
+                     pot_b.eq(mm["pot"])]
 
         m.submodules.array = arr = SystolicArray(cfg)
         spad_view = data.View(isa.spad_row_layout(cfg), spad_r.data)
         ctl_c = Signal(ctl_layout)
-        m.d.sync += [ctl_c.eq(ctl_b), arr.a_bank.eq(bank_b)]
+        m.d.sync += [ctl_c.eq(ctl_b), arr.a_bank.eq(bank_b), arr.a_pot.eq(pot_b)]
         for r in range(R):
             m.d.sync += arr.a_vec[r].eq(Mux(inside_b, _ext(spad_view[r], signed_b, A), 0))
 

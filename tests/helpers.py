@@ -28,13 +28,14 @@ import numpy as np
 from compiler import kernels
 from compiler.kernels import Kernel, KernelError, Requant, SpadTensor
 from hw import isa
-from hw.config import AccelConfig
-from hw.isa import PoolMode
+from hw.config import PE_KINDS, AccelConfig
+from hw.isa import Opcode, PoolMode
 from hw.program import Program, ProgramError, pack_rows
 
 __all__ = [
     "Case", "CaseError", "ConvSpec", "PoolSpec", "Builder", "MAX_INSTRS",
-    "act_range", "w_range", "rand_acts", "rand_weights", "random_requant",
+    "act_range", "w_range", "WEIGHT_MODES", "weight_values", "pick_weight_mode", "use_pot",
+    "rand_acts", "rand_weights", "random_requant",
     "tensor_rows", "zero_rows", "place", "read", "apply_writes", "read_outputs", "assemble",
     "random_conv_spec", "random_gemm_spec", "random_pool_spec",
     "random_conv_case", "random_gemm_case", "random_pool_case", "random_residual_case",
@@ -70,25 +71,77 @@ def w_range(cfg: AccelConfig) -> tuple[int, int]:
     return -(1 << (cfg.w_bits - 1)), (1 << (cfg.w_bits - 1)) - 1
 
 
+#: How a random case's weights are stored and multiplied. ``int``: int weights, MATMUL pot=0;
+#: ``pot``: PoT weights (the full exponent range), every MATMUL pot=1; ``mixed``: weights that
+#: are both int and PoT values, each weight tile in a random mode (hybrid: consecutive MATMULs
+#: in different modes share the array).
+WEIGHT_MODES = {"int": ("int",), "pot": ("pot",), "hybrid": ("int", "pot", "mixed")}
+assert set(WEIGHT_MODES) == set(PE_KINDS)
+
+
+def weight_values(cfg: AccelConfig, mode: str) -> np.ndarray:
+    """Every weight value a case in ``mode`` may use, ascending."""
+    lo, hi = w_range(cfg)
+    ints = np.arange(lo, hi + 1, dtype=np.int64)
+    if mode == "int":
+        return ints
+    pots = isa.pot_values(cfg)
+    return pots if mode == "pot" else np.intersect1d(ints, pots)
+
+
+def pick_weight_mode(rng: np.random.Generator, cfg: AccelConfig) -> str:
+    modes = WEIGHT_MODES[cfg.pe_kind]
+    return modes[0] if len(modes) == 1 else str(rng.choice(modes))
+
+
 def rand_acts(rng: np.random.Generator, cfg: AccelConfig, shape, signed: bool) -> np.ndarray:
     lo, hi = act_range(cfg, signed)
     return rng.integers(lo, hi + 1, shape, dtype=np.int64)
 
 
-def rand_weights(rng: np.random.Generator, cfg: AccelConfig, shape, p_zero: float = 0.1) -> np.ndarray:
-    lo, hi = w_range(cfg)
-    w = rng.integers(lo, hi + 1, shape, dtype=np.int64)
+def rand_weights(rng: np.random.Generator, cfg: AccelConfig, shape, p_zero: float = 0.1,
+                 mode: str = "int") -> np.ndarray:
+    if mode == "int":
+        lo, hi = w_range(cfg)
+        w = rng.integers(lo, hi + 1, shape, dtype=np.int64)
+    else:
+        w = rng.choice(weight_values(cfg, mode), shape)
     return np.where(rng.random(shape) < p_zero, 0, w)
 
 
+def use_pot(cfg: AccelConfig, kernel: Kernel, w_base: int, choose) -> None:
+    """Run the weight tiles ``choose(w_addr)`` picks in PoT mode: encode their wmem rows with
+    ``pot_encode`` and set ``pot`` in the MATMULs that use them (in place).
+
+    A tile is the wmem rows one PRELOAD loads; a MATMUL uses the last PRELOAD of its bank. A
+    tile preloaded several times (one per output-row chunk) keeps the mode chosen first.
+    """
+    modes: dict[tuple[int, int], bool] = {}
+    bank_tile = {}
+    for i, ins in enumerate(kernel.instrs):
+        if ins.op is Opcode.PRELOAD:
+            # An empty tile (n_rows 0) shares its address with the next real one: key by both.
+            tile = (ins.w_addr, ins.n_rows)
+            if tile not in modes:
+                modes[tile] = bool(choose(ins.w_addr))
+                if modes[tile]:
+                    rows = slice(ins.w_addr - w_base, ins.w_addr - w_base + ins.n_rows)
+                    kernel.wmem[rows] = isa.pot_encode(kernel.wmem[rows], cfg)
+            bank_tile[ins.bank] = tile
+        elif ins.op is Opcode.MATMUL and modes[bank_tile[ins.bank]]:
+            kernel.instrs[i] = isa.Instr(Opcode.MATMUL, dict(ins.args, pot=1))
+
+
 def random_requant(rng: np.random.Generator, cfg: AccelConfig, cout: int, terms: int, *,
-                   out_signed: bool, residual: bool = False) -> Requant:
+                   out_signed: bool, residual: bool = False, w_mag_bits: int | None = None) -> Requant:
     """Per-channel requantization whose outputs mostly land inside the output range.
 
     ``terms`` is the reduction length; typical |acc| is about sqrt(terms) full-scale products.
+    ``w_mag_bits`` is log2 of the largest weight magnitude (default: int weights, ``w_bits - 1``).
     """
     lo_a, hi_a = act_range(cfg, out_signed)
-    acc_mag = cfg.w_bits - 1 + cfg.a_bits - 1 + max(0, math.ceil(math.log2(max(terms, 1)) / 2))
+    w_mag_bits = cfg.w_bits - 1 if w_mag_bits is None else w_mag_bits
+    acc_mag = w_mag_bits + cfg.a_bits - 1 + max(0, math.ceil(math.log2(max(terms, 1)) / 2))
     if rng.random() < 0.1:  # edge: tiny multipliers and shifts, mostly clamped outputs
         mult = rng.integers(0, 4, cout)
         shift = rng.integers(0, 3, cout)
@@ -221,9 +274,12 @@ class Builder:
             raise _NoFit("spad")
         return t
 
-    def conv2d(self, x, y, w, rq, **kw) -> Kernel:
+    def conv2d(self, x, y, w, rq, *, pot=False, **kw) -> Kernel:
+        """``kernels.conv2d``; ``pot`` (a bool, or a function of a tile's wmem address) runs the
+        chosen weight tiles in PoT mode (:func:`use_pot`)."""
         k = kernels.conv2d(self.cfg, x, y, w, rq, w_base=self.w_next, param_base=self.p_next,
                            acc_base=self.acc_base, **kw)
+        use_pot(self.cfg, k, self.w_next, pot if callable(pot) else lambda _addr: pot)
         self.placed.append((k, self.w_next, self.p_next))
         self.w_next += len(k.wmem)
         self.p_next += len(k.params["bias"])
@@ -342,13 +398,17 @@ def _make_conv(rng, cfg, scale, *, residual, gemm, depthwise):
     y = b.tensor(cout, oh, ow, y_signed)
     res = b.tensor(cout, oh, ow, bool(rng.integers(0, 2))) if residual else None
     xv = rand_acts(rng, cfg, (cin, H, W), x_signed)
-    w = rand_weights(rng, cfg, (cout, cin // groups, kh, kw))
+    mode = pick_weight_mode(rng, cfg)
+    w = rand_weights(rng, cfg, (cout, cin // groups, kh, kw), mode=mode)
     rv = rand_acts(rng, cfg, (cout, oh, ow), res.signed) if residual else None
-    rq = random_requant(rng, cfg, cout, (cin // groups) * kh * kw, out_signed=y_signed, residual=residual)
-    b.conv2d(x, y, w, rq, stride=(sh, sw), padding=(ph, pw), groups=groups, residual=res)
+    w_mag_bits = int(np.abs(weight_values(cfg, mode)).max()).bit_length() - 1
+    rq = random_requant(rng, cfg, cout, (cin // groups) * kh * kw, out_signed=y_signed, residual=residual,
+                        w_mag_bits=w_mag_bits)
+    pot = {"int": False, "pot": True, "mixed": lambda _addr: bool(rng.integers(0, 2))}[mode]
+    b.conv2d(x, y, w, rq, stride=(sh, sw), padding=(ph, pw), groups=groups, residual=res, pot=pot)
     kind = "gemm" if gemm else ("residual" if residual else "conv")
     manifest = {"case": kind, "x": [cin, H, W], "y": [cout, oh, ow], "kernel": [kh, kw],
-                "stride": [sh, sw], "padding": [ph, pw], "groups": groups}
+                "stride": [sh, sw], "padding": [ph, pw], "groups": groups, "weights": mode}
     prog = b.program(manifest)
     writes = tensor_rows(cfg, x, xv) + zero_rows(cfg, y)
     if residual:
@@ -423,8 +483,8 @@ def random_residual_case(rng, cfg) -> Case:
 # -- configs and machines ------------------------------------------------------------------------------
 
 def random_config(rng, *, max_dim: int = 6) -> AccelConfig:
-    """A small random config (rows/cols 1..max_dim, non-square, 2..8-bit operands, small depths so
-    kernels chunk their output rows)."""
+    """A small random config (rows/cols 1..max_dim, non-square, 2..8-bit operands, any PE kind,
+    small depths so kernels chunk their output rows)."""
     return AccelConfig(
         rows=int(rng.integers(1, max_dim + 1)), cols=int(rng.integers(1, max_dim + 1)),
         w_bits=int(rng.integers(2, 9)), a_bits=int(rng.integers(2, 9)),
@@ -432,6 +492,7 @@ def random_config(rng, *, max_dim: int = 6) -> AccelConfig:
         wmem_depth=int(rng.choice([300, 1024])), imem_depth=int(rng.choice([200, 256, 1024])),
         param_depth=int(rng.choice([8, 16])), mult_bits=int(rng.choice([16, 24])),
         pool_mult_bits=int(rng.integers(10, 17)),
+        pe_kind=str(rng.choice(PE_KINDS)),  # drawn last: the other fields stay what they were
     )
 
 

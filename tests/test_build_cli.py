@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from hw.build import main
+from hw.config import AccelConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,7 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
     (["--bits", "9"], r"w_bits must be an integer in 2\.\.8, not 9"),
     (["--abits", "9"], r"a_bits must be an integer in 2\.\.8, not 9"),
     (["--pe-kind", "fp16"], r"pe_kind must be one of int, pot, hybrid, not 'fp16'"),
-    (["--pe-kind", "pot"], r"pe_kind 'pot' has no RTL yet"),
+    # A PoT W8 accumulator (a + 1 + 15 exponent bits + log2 depth) outgrows the requant budget.
+    (["--pe-kind", "pot", "--wmem-depth", "1048576"], r"acc width \(44\) \+ mult_bits \(24\) must be <= 60"),
     (["--bits", "x"], r"argument --bits: invalid int value"),
     (["--spad-depth", "1"], r"spad_depth must be an integer in 2\.\."),
 ])
@@ -37,16 +39,19 @@ def test_bad_options_exit_2_with_one_line(tmp_path, capsys, args, pattern):
     assert not [p for p in tmp_path.iterdir()], "nothing half-written may be left"
 
 
-def test_build_writes_verilog_config_and_report(tmp_path):
+@pytest.mark.parametrize("pe_kind", ["int", "pot", "hybrid"])
+def test_build_writes_verilog_config_and_report(tmp_path, pe_kind):
     out = tmp_path / "hw"
     r = subprocess.run([sys.executable, "-m", "hw.build", "--pe", "3x2", "--wbits", "4", "--abits", "6",
+                        "--pe-kind", pe_kind,
                         "--spad-depth", "64", "--acc-depth", "16", "--wmem-depth", "64", "--imem-depth", "32",
                         "--param-depth", "4", "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     info = json.loads((out / "build.json").read_text())
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["rows"] == 3 and cfg["cols"] == 2 and cfg["w_bits"] == 4 and cfg["a_bits"] == 6
-    assert info["pe_count"] == 6 and info["pe_kind"] == "int"
+    assert cfg["pe_kind"] == pe_kind and info["pe_kind"] == pe_kind
+    assert info["pe_count"] == 6 and info["acc_width"] == AccelConfig.from_dict(cfg).acc_width
     text = (out / "quarry_top.v").read_text()
     assert "module quarry_top" in text
     assert info["verilog_lines"] == text.count("\n")

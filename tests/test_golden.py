@@ -6,6 +6,7 @@ a padded array, ``numpy`` matmul, and exact ``Fraction`` rounding for average po
 final requantization reuses ``sim.golden.requantize``, which ``test_requant.py`` checks exactly.
 """
 
+import dataclasses
 import zlib
 from fractions import Fraction
 
@@ -16,7 +17,7 @@ from compiler.kernels import SpadTensor
 from hw import isa, timing
 from hw.config import AccelConfig
 from hw.isa import Opcode, PoolMode
-from hw.program import Program
+from hw.program import Program, ProgramError, pack_rows
 from sim.golden import GoldenError, Machine, requantize, wrap
 
 from tests import helpers as H
@@ -242,6 +243,79 @@ def test_conv_default_config():
     cfg = AccelConfig()
     for seed in range(3):
         _check_conv(cfg, H.random_conv_spec(rng, cfg), f"4000/{seed}")
+
+
+# -- power-of-two weights -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pe_kind", ["pot", "hybrid"])
+@pytest.mark.parametrize("w_bits", range(2, 9))
+def test_conv_pot_weights(pe_kind, w_bits):
+    """PoT (and hybrid) configs at every weight width: convolutions whose wmem holds PoT codes
+    match the direct convolution of the weight values."""
+    modes = set()
+    for seed in range(4):
+        rng = np.random.default_rng(9000 + 10 * w_bits + seed)
+        cfg = AccelConfig(rows=int(rng.integers(1, 6)), cols=int(rng.integers(1, 6)), w_bits=w_bits,
+                          a_bits=int(rng.integers(2, 9)), pe_kind=pe_kind, spad_depth=1024, acc_depth=40,
+                          wmem_depth=512, imem_depth=300, param_depth=16)
+        spec = H.random_conv_spec(rng, cfg, residual=seed == 3)
+        modes.add(spec.case.program.manifest["weights"])
+        _check_conv(cfg, spec, f"{9000 + 10 * w_bits + seed}")
+    assert modes <= set(H.WEIGHT_MODES[pe_kind])
+
+
+def test_random_cases_cover_weight_modes():
+    """Random configs reach every PE kind and weight mode, mixed programs really mix MATMUL
+    modes, and pot programs use the largest exponent somewhere."""
+    seen, mixed_both, top_exp = set(), 0, 0
+    for seed in CONV_SEEDS:
+        rng = np.random.default_rng(seed)
+        cfg = H.random_config(rng)
+        spec = H.random_conv_spec(rng, cfg)
+        mode = spec.case.program.manifest["weights"]
+        seen.add((cfg.pe_kind, mode))
+        pots = {i.pot for i in spec.case.program.instrs if i.op is Opcode.MATMUL}
+        assert pots == {"int": {0}, "pot": {1}}.get(mode, pots), f"seed {seed}"
+        mixed_both += mode == "mixed" and pots == {0, 1}
+        top_exp += mode == "pot" and np.abs(spec.w).max() == 1 << cfg.pot_max_exp
+    assert seen == {("int", "int"), ("pot", "pot"), ("hybrid", "int"), ("hybrid", "pot"), ("hybrid", "mixed")}
+    assert mixed_both >= 3 and top_exp >= 3, (mixed_both, top_exp)
+
+
+@pytest.mark.parametrize("pe_kind", ["int", "pot", "hybrid"])
+def test_matmul_pot_rule_enforced(pe_kind):
+    """A MATMUL whose pot field the PE kind cannot run is refused by Program and by the golden
+    model (which may be handed instructions directly)."""
+    cfg = dataclasses.replace(ECFG, pe_kind=pe_kind)
+    for pot in (0, 1):
+        ins = isa.matmul(bank=0, spad_base=0, acc_base=0, in_w=2, out_w=2, pot=bool(pot))
+        if pot in isa.POT_MODES[pe_kind]:
+            Machine(cfg).run(Program(cfg, [isa.preload(bank=0, w_addr=0, n_rows=2), ins, isa.halt()]))
+            continue
+        msg = rf"MATMUL\.pot = {pot} is not allowed for pe_kind {pe_kind}"
+        with pytest.raises(ProgramError, match=rf"^instruction 1: {msg}"):
+            Program(cfg, [isa.nop(), ins, isa.halt()])
+        with pytest.raises(isa.IsaError, match=rf"^{msg}"):
+            Machine(cfg).execute(ins)
+
+
+def test_illegal_pot_code_raises():
+    """W8 codes above the exponent cap are illegal: MATMUL with pot=1 refuses a bank holding one;
+    the same bank as int weights (hybrid, pot=0) is fine."""
+    cfg = dataclasses.replace(ECFG, w_bits=8, pe_kind="hybrid")
+    lay = isa.wmem_row_layout(cfg)
+    k = cfg.pot_max_exp + 2  # one past the largest legal magnitude code
+    wmem = pack_rows(lay, np.array([[isa.pot_encode(-1, cfg), 0], [0, k]]))
+    for pot, ok in ((0, True), (1, False)):
+        prog = Program(cfg, [isa.preload(bank=1, w_addr=0, n_rows=2),
+                             isa.matmul(bank=1, spad_base=0, acc_base=0, in_w=2, out_w=2, pot=bool(pot)),
+                             isa.halt()], {"wmem": wmem})
+        if ok:
+            Machine(cfg).run(prog)
+        else:
+            with pytest.raises(isa.PotError, match=rf"^instruction 1 \(MATMUL\): bank 1: PoT code {k:#x} has "
+                                                   rf"exponent {k - 1} > pot_max_exp {cfg.pot_max_exp}"):
+                Machine(cfg).run(prog)
 
 
 # -- residual ---------------------------------------------------------------------------------------

@@ -23,8 +23,15 @@ CONFIGS = {
     "4x4_w4a4": AccelConfig(rows=4, cols=4, w_bits=4, a_bits=4, **_SMALL),
     "8x4_w2a8": AccelConfig(rows=8, cols=4, w_bits=2, a_bits=8, **_SMALL),
     "3x5_w6a3": AccelConfig(rows=3, cols=5, w_bits=6, a_bits=3, mult_bits=16, pool_mult_bits=12, **_SMALL),
+    # PoT weights (every MATMUL pot=1): exponents up to 6, and up to the cap (15) at W8.
+    "4x4_pot_w4a4": AccelConfig(rows=4, cols=4, w_bits=4, a_bits=4, pe_kind="pot", **_SMALL),
+    "2x3_pot_w8a8": AccelConfig(rows=2, cols=3, w_bits=8, a_bits=8, pe_kind="pot", **_SMALL),
+    # Hybrid: programs with int, PoT, or per-tile mixed MATMULs (both modes in the array at once).
+    "4x4_hybrid_w4a8": AccelConfig(rows=4, cols=4, w_bits=4, a_bits=8, pe_kind="hybrid", **_SMALL),
+    "3x5_hybrid_w6a3": AccelConfig(rows=3, cols=5, w_bits=6, a_bits=3, pe_kind="hybrid", mult_bits=16,
+                                   pool_mult_bits=12, **_SMALL),
 }
-#: Programs per config in the default run (4 configs -> 240 programs).
+#: Programs per config in the default run (8 configs -> 480 programs).
 PROGRAMS_PER_CONFIG = 60
 KINDS = ("conv", "gemm", "pool", "residual")
 

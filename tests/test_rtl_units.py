@@ -1,13 +1,19 @@
 """Amaranth-simulator unit tests of the RTL blocks against the golden model's arithmetic."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from amaranth.sim import Simulator
 
-from hw.array import IntPE, SystolicArray
-from hw.config import AccelConfig
+from hw import isa
+from hw.array import PE_CLASSES, HybridPE, IntPE, PotPE, SystolicArray
+from hw.config import PE_KINDS, AccelConfig
 from hw.ppu import RequantLane
 from sim.golden import requantize, wrap
+
+#: Weight x activation pairs per PE test above which activations are sampled, not exhaustive.
+_EXHAUSTIVE_PAIRS = 8_192  # W4A8 PoT: 16 codes x 512 activations
 
 
 def _run(dut, bench):
@@ -56,13 +62,110 @@ def test_int_pe_multiply_accumulate(w_bits, a_bits):
     _run(dut, bench)
 
 
-@pytest.mark.parametrize("rows,cols,w_bits,a_bits", [(1, 1, 8, 8), (2, 3, 4, 4), (4, 2, 2, 8), (5, 5, 8, 3)])
-def test_systolic_array_double_buffered(rows, cols, w_bits, a_bits):
-    """Vectors alternate banks every few cycles while the idle bank is rewritten: every output
-    must equal vec @ W[bank] for the weights the bank held when that vector entered."""
-    seed = rows * 1000 + cols * 100 + w_bits * 10 + a_bits
+def _lane_patterns(cfg):
+    """Every w_bits pattern as a wmem lane value (signed), and whether it is a legal PoT code."""
+    lo = -(1 << (cfg.w_bits - 1))
+    pats = np.arange(lo, lo + (1 << cfg.w_bits), dtype=np.int64)
+    legal = np.array([_is_pot_code(int(p), cfg) for p in pats])
+    return pats, legal
+
+
+def _is_pot_code(lane, cfg):
+    try:
+        isa.pot_decode(lane, cfg)
+    except isa.PotError:
+        return False
+    return True
+
+
+def _want_product(cfg, w, a, pot):
+    return (isa.pot_decode(w, cfg) if pot else w) * a
+
+
+# (w_bits, a_bits, narrow): every weight width at 8-bit activations, some narrow activations;
+# ``narrow`` sets the narrowest accumulator the config allows, so partial sums wrap often.
+PE_WIDTHS = [(w, 8, False) for w in range(2, 9)] + [(3, 2, False), (4, 4, False), (8, 3, False),
+                                                    (4, 8, True), (8, 8, True), (2, 5, True)]
+
+
+@pytest.mark.parametrize("kind", ["pot", "hybrid"])
+@pytest.mark.parametrize("w_bits,a_bits,narrow", PE_WIDTHS)
+def test_pot_and_hybrid_pe(kind, w_bits, a_bits, narrow):
+    """Every weight pattern the PE may hold (PoT: every legal code, both zero codes included;
+    hybrid: every pattern, PoT mode where it is a legal code) against ``pot_decode(w) * a`` (or
+    ``w * a``), for every extended activation -2**a .. 2**a - 1 (sampled when that is too many),
+    with random and extreme partial sums. Consecutive activations alternate banks, and the hybrid
+    mode bit changes every cycle."""
+    seed = w_bits * 100 + a_bits * 10 + 2 * narrow + (kind == "hybrid")
     rng = np.random.default_rng(seed)
-    cfg = AccelConfig(rows=rows, cols=cols, w_bits=w_bits, a_bits=a_bits, wmem_depth=64)
+    cfg = AccelConfig(rows=1, cols=1, w_bits=w_bits, a_bits=a_bits, pe_kind=kind, wmem_depth=16)
+    if narrow:
+        cfg = dataclasses.replace(cfg, acc_bits=cfg.product_bits + 1)
+    dut = PE_CLASSES[kind](cfg)
+    # IntPE's ports; hybrid adds the mode bit.
+    ports = {"a_in", "a_out", "bank_in", "bank_out", "psum_in", "psum_out", "w_data", "w_we", "w_bank"}
+    assert set(dut.signature.members) == ports | ({"pot_in", "pot_out"} if kind == "hybrid" else set())
+    pats, legal = _lane_patterns(cfg)
+    weights = pats[legal] if kind == "pot" else pats
+    alo, ahi = -(1 << a_bits), (1 << a_bits) - 1
+    acts = np.arange(alo, ahi + 1)
+    per_w = len(acts) if len(acts) * len(weights) <= _EXHAUSTIVE_PAIRS else _EXHAUSTIVE_PAIRS // len(weights)
+    edges = np.array([alo, -(1 << (a_bits - 1)), -1, 0, 1, ahi])
+    plo, phi = -(1 << (cfg.acc_width - 1)), (1 << (cfg.acc_width - 1)) - 1
+    # Weight i goes to bank i % 2; its activations alternate between it and weight i - 1.
+    plan = []
+    for i, w in enumerate(weights):
+        a_set = acts if per_w == len(acts) else np.concatenate([edges, rng.choice(acts, per_w)])
+        for j, a in enumerate(a_set):
+            wi = i if j % 2 == 0 or i == 0 else i - 1
+            wv = int(weights[wi])
+            pot = kind == "pot" or (bool(rng.integers(0, 2)) and legal[pats == wv][0])
+            p = int(rng.choice([plo, phi, 0, -1])) if j % 7 == 0 else int(rng.integers(plo, phi + 1))
+            plan.append((i, wi % 2, int(a), p, int(pot), wv))
+    if kind == "pot":
+        assert {int(isa.pot_decode(w, cfg)) for w in weights} == set(isa.pot_values(cfg).tolist())
+
+    async def bench(ctx):
+        loaded = -1
+        for i, bank, a, p, pot, wv in plan:
+            if i != loaded:
+                ctx.set(dut.w_we, 1)
+                ctx.set(dut.w_bank, i % 2)
+                ctx.set(dut.w_data, int(weights[i]))
+                await ctx.tick()
+                ctx.set(dut.w_we, 0)
+                loaded = i
+            ctx.set(dut.a_in, a)
+            ctx.set(dut.psum_in, p)
+            ctx.set(dut.bank_in, bank)
+            if kind == "hybrid":
+                ctx.set(dut.pot_in, pot)
+            await ctx.tick()
+            want = int(wrap(p + _want_product(cfg, wv, a, pot), cfg.acc_width))
+            got = ctx.get(dut.psum_out)
+            assert got == want, f"seed {seed}: w={wv} a={a} p={p} pot={pot} bank={bank}: {got} != {want}"
+            assert ctx.get(dut.a_out) == a and ctx.get(dut.bank_out) == bank
+            if kind == "hybrid":
+                assert ctx.get(dut.pot_out) == pot
+
+    _run(dut, bench)
+
+
+def test_pe_classes_follow_pe_kind():
+    assert PE_CLASSES == {"int": IntPE, "pot": PotPE, "hybrid": HybridPE}
+    assert not IntPE.HAS_MODE and not PotPE.HAS_MODE and HybridPE.HAS_MODE
+
+
+@pytest.mark.parametrize("kind", ["int", "pot", "hybrid"])
+@pytest.mark.parametrize("rows,cols,w_bits,a_bits", [(1, 1, 8, 8), (2, 3, 4, 4), (4, 2, 2, 8), (5, 5, 8, 3)])
+def test_systolic_array_double_buffered(rows, cols, w_bits, a_bits, kind):
+    """Vectors alternate banks every few cycles while the idle bank is rewritten: every output
+    must equal vec @ W[bank] for the weights the bank held when that vector entered. PoT arrays
+    hold random legal codes; in a hybrid array every vector picks its mode at random, so both
+    modes are in flight together."""
+    seed = rows * 1000 + cols * 100 + w_bits * 10 + a_bits + 10_000 * PE_KINDS.index(kind)
+    rng = np.random.default_rng(seed)
+    cfg = AccelConfig(rows=rows, cols=cols, w_bits=w_bits, a_bits=a_bits, wmem_depth=64, pe_kind=kind)
     dut = SystolicArray(cfg)
     lat = SystolicArray.latency(cfg)
     wlo, whi = _srange(w_bits)
@@ -70,9 +173,14 @@ def test_systolic_array_double_buffered(rows, cols, w_bits, a_bits):
     # (rows + cols - 2 cycles after it entered); the test reloads right after that.
     first_load = rows + cols
     n_tiles, per_tile = 6, first_load + rows + 1
-    tiles = [rng.integers(wlo, whi + 1, (rows, cols)) for _ in range(n_tiles)]
+    if kind == "int":
+        tiles = [rng.integers(wlo, whi + 1, (rows, cols)) for _ in range(n_tiles)]
+    else:
+        tiles = [isa.pot_encode(rng.choice(isa.pot_values(cfg), (rows, cols)), cfg) for _ in range(n_tiles)]
     vecs = [rng.integers(-(1 << a_bits), 1 << a_bits, rows) for _ in range(n_tiles * per_tile)]
-    expected = [wrap(vecs[i] @ tiles[i // per_tile], cfg.acc_width) for i in range(len(vecs))]
+    modes = [{"int": 0, "pot": 1}.get(kind, int(rng.integers(0, 2))) for _ in vecs]
+    expected = [wrap(vecs[i] @ (isa.pot_decode(tiles[i // per_tile], cfg) if modes[i] else tiles[i // per_tile]),
+                     cfg.acc_width) for i in range(len(vecs))]
     got = {}
 
     async def bench(ctx):
@@ -101,6 +209,7 @@ def test_systolic_array_double_buffered(rows, cols, w_bits, a_bits):
             if i < len(vecs):
                 ctx.set(dut.a_vec, [int(v) for v in vecs[i]])
                 ctx.set(dut.a_bank, tile % 2)
+                ctx.set(dut.a_pot, modes[i])
             else:
                 ctx.set(dut.a_vec, [0] * rows)
             k = i - lat
