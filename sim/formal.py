@@ -119,13 +119,18 @@ def check(name: str, top, ports, *, mode: str = "prove", depth: int = 8, engine:
     # WebAssembly, which SymbiYosys would read as solver output: warm the solver up first.
     subprocess.run([shutil.which("boolector", path=env["PATH"]), "--version"], env=env, capture_output=True)
     t0 = time.perf_counter()
+    # Its own session, so a timeout also stops the solver processes SymbiYosys started.
+    p = subprocess.Popen([sby_exe, "-f", f"{name}.sby"], cwd=job, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        p = subprocess.run([sby_exe, "-f", f"{name}.sby"], cwd=job, env=env, capture_output=True, text=True,
-                           timeout=timeout)
+        log, _ = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        # SymbiYosys puts each engine in a process group of its own, but all stay in the session.
+        subprocess.run(["pkill", "-KILL", "-s", str(p.pid)], check=False)
+        p.kill()
+        p.wait()
         raise FormalError(f"{name}: no result within {timeout} s") from None
     seconds = time.perf_counter() - t0
-    log = p.stdout + p.stderr
     status = "UNKNOWN"
     for ln in log.splitlines():
         if "DONE (" in ln:
