@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.quarry-installed
 N      ?= 1000
 SEED   ?= 1
 
-.PHONY: setup demo test test-all fuzz clean
+.PHONY: setup demo test test-all fuzz formal bench clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,14 @@ test: setup
 ## make fuzz N=10000: random programs x configs, RTL (Verilator) against the golden model
 fuzz: setup
 	$(PY) -m pytest -q -s tests/test_rtl_system.py -k fuzz --fuzz-n $(N) --fuzz-seed $(SEED)
+
+## make formal: the formal proofs (SymbiYosys + boolector from pip); seconds each
+formal: setup
+	$(PY) -m pytest -q tests/test_formal.py
+
+## make bench: every benchmark (tens of minutes; QUICK=1 for the smoke-test version)
+bench: setup
+	$(PY) -m bench $(if $(QUICK),--quick,)
 
 clean:
 	rm -rf build .pytest_cache
