@@ -1,4 +1,5 @@
 """Formal proofs (SymbiYosys + boolector from pip, see ``sim/formal.py``): the arithmetic units
+(every PE kind at w/a 2..8 classes, the requantization lane)
 equal their specification for *every* input, not only sampled ones.
 
 The specifications here are written independently of the RTL and of ``sim/golden.py`` (e.g.
@@ -13,9 +14,9 @@ the same at every width (the widths are parameters of the same Python code).
 from __future__ import annotations
 
 import pytest
-from amaranth.hdl import Assert, Const, Elaboratable, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Assert, Assume, Const, Elaboratable, Module, Mux, Signal, signed, unsigned
 
-from hw.array import IntPE
+from hw.array import PE_CLASSES
 from hw.config import AccelConfig
 from hw.ppu import RequantLane
 from sim import formal
@@ -87,32 +88,54 @@ class PpuProof(Elaboratable):
         return [d.acc, d.res, d.bias, d.mult, d.res_mult, d.shift, d.zp, d.lo, d.hi, d.y]
 
 
-class IntPeProof(Elaboratable):
-    """IntPE: psum_out == psum_in + weight[bank] * a (mod 2**acc_width); a and bank pass through."""
+class PeProof(Elaboratable):
+    """Any PE kind: psum_out == psum_in + value(weight[bank]) * a (mod 2**acc_width), where value is
+    the two's-complement weight (int, or hybrid with pot=0) or the power of two a PoT code stands
+    for (pot, or hybrid with pot=1): sign bit, magnitude k, k == 0 -> 0, else (-1)**sign * 2**(k-1).
+    a, bank (and pot) pass through. Loaded PoT codes are assumed legal (k <= pot_max_exp + 1):
+    the golden model and the program loader reject others."""
 
-    def __init__(self, cfg: AccelConfig):
+    def __init__(self, cfg: AccelConfig, exp_offset: int = 1):
         self.cfg = cfg
-        self.dut = IntPE(cfg)
+        self.exp_offset = exp_offset  # 1 is the spec; anything else is a wrong spec
+        self.dut = PE_CLASSES[cfg.pe_kind](cfg)
 
     def elaborate(self, platform):
         m = Module()
-        d = self.dut
+        cfg, d = self.cfg, self.dut
         m.submodules.dut = d
+        wb = cfg.w_bits
         # Reference copies of the two weight registers, written by the same load port.
-        w = [Signal(signed(self.cfg.w_bits), name=f"ref_w{i}") for i in range(2)]
+        w = [Signal(signed(wb), name=f"ref_w{i}") for i in range(2)]
         with m.If(d.w_we):
             m.d.sync += w[0].eq(Mux(d.w_bank, w[0], d.w_data)), w[1].eq(Mux(d.w_bank, d.w_data, w[1]))
-        full = Signal(signed(self.cfg.acc_width + self.cfg.w_bits + self.cfg.act_ext_bits + 1))
-        m.d.comb += full.eq(d.psum_in + Mux(d.bank_in, w[1], w[0]) * d.a_in)
-        expect = _pipe(m, full[:self.cfg.acc_width].as_signed(), 1, "psum")
+        mag, sign = d.w_data.as_unsigned()[:wb - 1], d.w_data.as_unsigned()[wb - 1]
+        if cfg.pe_kind != "int":
+            with m.If(d.w_we):
+                m.d.comb += Assume(mag <= cfg.pot_max_exp + 1)
+        code = Mux(d.bank_in, w[1], w[0])
+        k, s = code.as_unsigned()[:wb - 1], code.as_unsigned()[wb - 1]
+        big = cfg.pot_max_exp + 2
+        pot_val = Signal(signed(big + 1))
+        e = (k - self.exp_offset)[:len(k)]
+        m.d.comb += pot_val.eq(Mux(k == 0, 0, Mux(s, -(Const(1, signed(big + 1)) << e), Const(1, signed(big + 1)) << e)))
+        mode = {"int": Const(0), "pot": Const(1)}.get(cfg.pe_kind, d.pot_in if cfg.pe_kind == "hybrid" else None)
+        value = Mux(mode, pot_val, code)
+        full = Signal(signed(cfg.acc_width + big + cfg.act_ext_bits + 2))
+        m.d.comb += full.eq(d.psum_in + value * d.a_in)
+        expect = _pipe(m, full[:cfg.acc_width].as_signed(), 1, "psum")
         a, b = _pipe(m, d.a_in, 1, "a"), _pipe(m, d.bank_in, 1, "b")
+        p = _pipe(m, d.pot_in, 1, "p") if cfg.pe_kind == "hybrid" else None
         with m.If(_valid_after(m, 1)):
             m.d.comb += [Assert(d.psum_out == expect), Assert(d.a_out == a), Assert(d.bank_out == b)]
+            if p is not None:
+                m.d.comb += Assert(d.pot_out == p)
         return m
 
     def ports(self):
         d = self.dut
-        return [d.a_in, d.bank_in, d.psum_in, d.w_data, d.w_we, d.w_bank, d.a_out, d.bank_out, d.psum_out]
+        extra = [d.pot_in, d.pot_out] if self.cfg.pe_kind == "hybrid" else []
+        return [d.a_in, d.bank_in, d.psum_in, d.w_data, d.w_we, d.w_bank, d.a_out, d.bank_out, d.psum_out, *extra]
 
 
 def _prove(name, proof, depth, mode="prove"):
@@ -132,15 +155,16 @@ def test_ppu_equals_spec(kw):
     _prove(f"ppu_a{kw['a_bits']}_acc{kw['acc_bits']}", PpuProof(cfg), depth=RequantLane.LATENCY + 2)
 
 
+@pytest.mark.parametrize("kind", ["int", "pot", "hybrid"])
 @pytest.mark.parametrize("wa", [(2, 2), (4, 4), (8, 8), (2, 8)], ids=lambda wa: f"w{wa[0]}a{wa[1]}")
-def test_int_pe_equals_spec(wa):
+def test_pe_equals_spec(kind, wa):
     w, a = wa
-    cfg = AccelConfig(rows=1, cols=1, w_bits=w, a_bits=a)
+    cfg = AccelConfig(rows=1, cols=1, w_bits=w, a_bits=a, pe_kind=kind)
     # k-induction cannot relate the reference weight registers to the PE's own (a state where they
     # differ is unreachable but self-consistent while the bank is idle), so this is bounded from
     # reset. Every state of the PE (both weights, the output registers) is reachable within 3
     # cycles and each output depends only on that state and the inputs, so depth 6 covers all.
-    _prove(f"int_pe_w{w}a{a}", IntPeProof(cfg), depth=6, mode="bmc")
+    _prove(f"pe_{kind}_w{w}a{a}", PeProof(cfg), depth=6, mode="bmc")
 
 
 def test_wrong_spec_is_caught():
@@ -150,4 +174,12 @@ def test_wrong_spec_is_caught():
     proof = PpuProof(cfg, ties="up")
     res = formal.check("ppu_ties_up", proof, proof.ports(), mode="prove", depth=RequantLane.LATENCY + 2,
                        timeout=600)
+    assert res.status == "FAIL", res.summary()
+
+
+def test_wrong_pot_spec_is_caught():
+    """Against 2**k instead of 2**(k-1) for a PoT code, the PoT PE proof must fail."""
+    cfg = AccelConfig(rows=1, cols=1, w_bits=4, a_bits=4, pe_kind="pot")
+    proof = PeProof(cfg, exp_offset=0)
+    res = formal.check("pe_pot_wrong_exp", proof, proof.ports(), mode="bmc", depth=6, timeout=600)
     assert res.status == "FAIL", res.summary()
