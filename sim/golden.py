@@ -82,61 +82,6 @@ class RunResult:
     executed: int = 0
 
 
-class _CycleModel:
-    """Event model of the RTL's issue rules (see :mod:`hw.timing`).
-
-    Rules: one instruction per cycle at most, in order. PRELOAD needs the loader free and its
-    bank drained of the previous MATMUL on it. MATMUL needs the matmul engine free (it may
-    issue in the cycle of the previous one's last vector), its bank loaded and POST/POOL idle.
-    Everything else waits for every engine to be idle.
-    """
-
-    def __init__(self, cfg: AccelConfig):
-        self.cfg = cfg
-        self.t = 1  # earliest issue cycle of the next instruction
-        self.loader_free = 0
-        self.bank_ready = [0, 0]
-        self.bank_free = [0, 0]
-        self.mm_free = 0
-        self.pipe_idle = 0
-        self.misc_free = 0
-
-    def all_idle(self):
-        return max(self.loader_free, self.mm_free, self.pipe_idle, self.misc_free,
-                   *self.bank_ready)
-
-    def step(self, ins: isa.Instr) -> tuple[int, int]:
-        cfg, op, a = self.cfg, ins.op, ins.args
-        if op is Opcode.NOP:
-            issue = self.t
-            done = issue
-        elif op is Opcode.PRELOAD:
-            issue = max(self.t, self.loader_free, self.bank_free[a["bank"]])
-            done = issue + timing.preload_busy(cfg)
-            self.loader_free = self.bank_ready[a["bank"]] = done
-        elif op is Opcode.MATMUL:
-            m = a["out_h"] * a["out_w"]
-            issue = max(self.t, self.mm_free, self.bank_ready[a["bank"]], self.misc_free)
-            self.mm_free = issue + m
-            b = a["bank"]
-            self.bank_free[b] = max(self.bank_free[b], issue + m + 1 + timing.matmul_drain(cfg))
-            done = issue + m + timing.matmul_latency(cfg)
-            self.pipe_idle = max(self.pipe_idle, done)
-        elif op is Opcode.POST:
-            issue = max(self.t, self.all_idle())
-            done = issue + a["n"] + timing.post_latency(cfg)
-            self.misc_free = done
-        elif op is Opcode.POOL:
-            issue = max(self.t, self.all_idle())
-            done = issue + a["out_h"] * a["out_w"] * a["k_h"] * a["k_w"] + timing.pool_latency(cfg)
-            self.misc_free = done
-        else:  # SYNC, HALT
-            issue = max(self.t, self.all_idle())
-            done = issue
-        self.t = issue + 1
-        return issue, done
-
-
 class Machine:
     """Architectural state of one accelerator and an interpreter for its programs."""
 
@@ -185,7 +130,7 @@ class Machine:
     def run(self, program: Program, max_instrs: int = 10_000_000) -> RunResult:
         """Execute from instruction 0 until HALT (or the end of the program)."""
         self.load_images(program)
-        model = _CycleModel(self.cfg)
+        model = timing.CycleModel(self.cfg)
         res = RunResult(cycles=0)
         for pc, ins in enumerate(program.instrs):
             if pc >= max_instrs:
