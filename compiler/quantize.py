@@ -18,6 +18,11 @@ picks each integer weight to minimise the layer's output error on the calibratio
 than the weight error. Not in METHODS.md; added because round-to-nearest loses 1-2 points at
 4-bit weights on Fashion-MNIST and ~30 at 2 bits, and GPTQ only changes which integers are stored.
 
+Power-of-two weights (``weight_method`` ``inq``, ``doubleq``, ``doubleqext``; options ``pot_bits``,
+``pot_granularity``, ``pot_budget``, ``pot_layers``): see :mod:`compiler.pot`. A PoT layer's
+``w_q`` is 0 or ``+-2**e`` and its ``QLayer.pot`` is set; everything downstream (bias correction,
+requantization, :func:`simulate`) treats it as an integer layer.
+
 Bias correction (``QuantOptions.bias_correction``):
 
 * ``analytic`` — Banner et al.: per output channel, rescale the dequantized weights so their
@@ -45,17 +50,19 @@ import torch.nn.functional as F
 
 from hw.config import AccelConfig
 
+from . import pot as _pot
 from .frontend import Graph, Layer
 
 __all__ = [
     "QuantOptions", "QLayer", "QGraph", "QuantError", "quantize", "float_forward", "simulate",
-    "METHODS", "WEIGHT_METHODS", "BIAS_CORRECTIONS",
+    "METHODS", "WEIGHT_METHODS", "BIAS_CORRECTIONS", "POT_METHODS",
     "qrange", "fake_quant", "estimate_clip", "mse_clip", "pooled_mse_clip", "aciq_clip", "aciq_k",
     "weight_scales", "gptq_round", "mult_shift", "analytic_bias_correction",
 ]
 
 METHODS = ("minmax", "percentile", "mse", "aciq", "aciq_gauss")
-WEIGHT_METHODS = ("minmax", "mse", "gptq")
+POT_METHODS = _pot.POT_METHODS
+WEIGHT_METHODS = ("minmax", "mse", "gptq") + POT_METHODS
 BIAS_CORRECTIONS = ("none", "analytic", "empirical", "both")
 
 # ACIQ clipping multipliers (Banner et al.; METHODS.md). They minimise the Laplace / Gaussian
@@ -90,6 +97,19 @@ class QuantOptions:
     #: Choose the clip of a tensor read only by average pools for the pooled result
     #: (:func:`pooled_mse_clip`) whatever ``method`` is.
     pool_aware: bool = True
+    #: PoT methods only (:mod:`compiler.pot`). Code width of PoT layers; ``None``: the weight
+    #: bits for ``inq``, 5 (sign + exponents 0..7 of an int8 weight) for ``doubleq*``.
+    pot_bits: int | None = None
+    #: ``inq``: one power-of-two scale per ``layer`` or per output ``channel``.
+    pot_granularity: str = "channel"
+    #: ``inq``: ``pow2`` scales (the paper) or ``lsq`` (least-squares fitted; see ``compiler.pot``).
+    pot_scale: str = "pow2"
+    #: ``doubleqext``: weight-memory budget, a fraction (float in (0, 1]) of the all-8-bit size or
+    #: bytes (int). Default: the paper's operating point, 23 % below 8 bits.
+    pot_budget: float | int = 0.77
+    #: The conv/linear layers to make PoT (names), instead of all (``inq``, ``doubleq``) or the
+    #: DoubleQExt selection. A mix needs ``pe_kind`` hybrid.
+    pot_layers: tuple | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -103,6 +123,24 @@ class QuantOptions:
             raise QuantError(f"bias_correction must be one of {', '.join(BIAS_CORRECTIONS)}, not {bc!r}")
         if not 0 < self.percentile <= 100:
             raise QuantError(f"percentile must be in (0, 100], not {self.percentile!r}")
+        self._check_pot()
+
+    def _check_pot(self):
+        if self.pot_bits is not None and (not isinstance(self.pot_bits, int) or isinstance(self.pot_bits, bool)
+                                          or not 2 <= self.pot_bits <= 8):
+            raise QuantError(f"pot_bits must be an integer in 2..8, not {self.pot_bits!r}")
+        if self.pot_granularity not in _pot.GRANULARITIES:
+            raise QuantError(f"pot_granularity must be one of {', '.join(_pot.GRANULARITIES)}, "
+                             f"not {self.pot_granularity!r}")
+        if self.pot_scale not in _pot.POT_SCALES:
+            raise QuantError(f"pot_scale must be one of {', '.join(_pot.POT_SCALES)}, not {self.pot_scale!r}")
+        b = self.pot_budget
+        if isinstance(b, bool) or not (isinstance(b, float) and 0 < b <= 1 or isinstance(b, int) and b >= 1):
+            raise QuantError(f"pot_budget must be a fraction in (0, 1] or a whole number of bytes >= 1, not {b!r}")
+        if self.pot_layers is not None:
+            if isinstance(self.pot_layers, str) or not all(isinstance(n, str) for n in self.pot_layers):
+                raise QuantError(f"pot_layers must be a sequence of layer names, not {self.pot_layers!r}")
+            object.__setattr__(self, "pot_layers", tuple(self.pot_layers))
 
 
 @dataclass
@@ -118,6 +156,10 @@ class QLayer:
     mult: np.ndarray | None = None
     res_mult: np.ndarray | None = None
     shift: np.ndarray | None = None
+    #: ``w_q`` is power-of-two (0 or +-2**e): lowered as PoT codes with MATMUL ``pot = 1``.
+    pot: bool = False
+    #: Bits of one stored weight code in the number format (the weight-memory report).
+    code_bits: int | None = None
 
 
 @dataclass
@@ -128,6 +170,10 @@ class QGraph:
     options: QuantOptions = QuantOptions()
     w_bits: int = 8
     a_bits: int = 8
+    #: PoT methods: the layers with PoT weights, their code width, and how they were chosen.
+    pot_layers: frozenset = frozenset()
+    pot_bits: int | None = None
+    pot_info: dict | None = None
 
 
 # -- float reference --------------------------------------------------------------------------
@@ -509,6 +555,8 @@ def quantize(graph: Graph, cfg: AccelConfig, calib: torch.Tensor, opts: QuantOpt
     with torch.no_grad():
         vals = float_forward(graph, calib, record=True)
     qg = QGraph(graph, cfg, options=opts, w_bits=wb, a_bits=ab)
+    if opts.weight_method in POT_METHODS:
+        _pot.plan(qg, calib, wb)
     empirical = opts.bias_correction in ("empirical", "both")
     codes: dict[str, np.ndarray] = {}  # integer codes of the network built so far (empirical BC)
     rng = np.random.default_rng(0)
@@ -553,7 +601,10 @@ def _quantize_conv(qg: QGraph, ql: QLayer, wb: int, vals: dict, codes: dict | No
     x = qg.layers[l.inputs[0]]
     w = l.weight.numpy().astype(np.float64)
     qmin, qmax = qrange(wb, True)
-    if opts.weight_method == "gptq":
+    ql.code_bits = wb
+    if opts.weight_method in POT_METHODS:
+        wq, sw, ql.pot, ql.code_bits = _pot.quantize_weights(qg, l, w, wb)
+    elif opts.weight_method == "gptq":
         sw = weight_scales(w, wb, "mse")
         with torch.no_grad():
             wq = gptq_round(w, sw, wb, _patches(l, vals[l.inputs[0]]), l.groups)
