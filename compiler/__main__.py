@@ -1,5 +1,10 @@
 """``python -m compiler MODEL --pe 16x16 --bits 4 --method aciq --calib 256 --data mnist --out build/model``
 
+Power-of-two weights: ``--weight-method inq|doubleq|doubleqext --pe-kind pot|hybrid`` with
+``--pot-bits``, ``--pot-granularity``, ``--pot-scale``, ``--pot-budget`` (``0.77`` = 77 % of the 8-bit
+weight memory, ``4000B`` = bytes), ``--pot-layers a,b`` and ``--inq-retrain EPOCHS`` (see
+:mod:`compiler.pot`).
+
 MODEL is a zoo name (``quarry_cnn``), a ``torch.save``d module file, or ``package.module:factory``.
 Writes OUT/program.qprog, OUT/manifest.json, OUT/{wmem,param}.hex ($readmemh) and .bin, and
 OUT/report.json; all or nothing.
@@ -24,7 +29,7 @@ from . import CompileError, data, zoo
 from .frontend import UnsupportedOpError
 from .kernels import KernelError
 from .lower import LowerError
-from .quantize import METHODS, QuantError, QuantOptions
+from .quantize import METHODS, POT_METHODS, WEIGHT_METHODS, QuantError, QuantOptions
 
 
 def load_model(spec: str, dataset: str | None):
@@ -62,6 +67,34 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return dims
 
 
+def parse_budget(text: str) -> float | int:
+    """``--pot-budget``: ``0.77`` (fraction of the 8-bit weight memory) or ``4000B`` (bytes)."""
+    t = text.strip()
+    try:
+        v = int(t[:-1]) if t[-1:] in "bB" and t[:-1].strip().isdigit() else float(t)
+    except ValueError:
+        v = None
+    if isinstance(v, float) and not 0 < v <= 1 or isinstance(v, int) and v < 1 or v is None:
+        raise CompileError(f"--pot-budget must be a fraction in (0, 1] (e.g. 0.77) or bytes (e.g. 4000B), not {text!r}")
+    return v
+
+
+def pot_options(args) -> dict:
+    """QuantOptions keywords for the ``--pot-*`` options that were given."""
+    kw = {}
+    if args.pot_bits is not None:
+        kw["pot_bits"] = args.pot_bits
+    if args.pot_granularity is not None:
+        kw["pot_granularity"] = args.pot_granularity
+    if args.pot_scale is not None:
+        kw["pot_scale"] = args.pot_scale
+    if args.pot_budget is not None:
+        kw["pot_budget"] = parse_budget(args.pot_budget)
+    if args.pot_layers is not None:
+        kw["pot_layers"] = tuple(n.strip() for n in args.pot_layers.split(",") if n.strip())
+    return kw
+
+
 def write_outputs(prog, out: Path, report: dict) -> None:
     """OUT/program.qprog, manifest.json, {wmem,param,imem}.hex, {wmem,param}.bin, report.json."""
     with atomic_dir(out) as tmp:
@@ -81,8 +114,16 @@ def main(argv=None) -> int:
     p.add_argument("model", help="zoo name (quarry_cnn), torch.save file, or module:factory")
     add_config_args(p)
     p.add_argument("--method", default="percentile", help=f"activation range estimator ({', '.join(METHODS)})")
-    p.add_argument("--weight-method", default="minmax", help="weight range: minmax or mse")
-    p.add_argument("--bias-correction", action="store_true")
+    p.add_argument("--weight-method", default="minmax", help=f"weight quantizer ({', '.join(WEIGHT_METHODS)})")
+    p.add_argument("--bias-correction", nargs="?", const="analytic", default="none",
+                   help="none, analytic (the default when given without a value), empirical or both")
+    p.add_argument("--pot-bits", type=int, help="PoT code bits (default: weight bits for inq, 5 for doubleq*)")
+    p.add_argument("--pot-granularity", help="inq scale per layer or per channel (default channel)")
+    p.add_argument("--pot-scale", help="inq scale: pow2 (paper) or lsq (least squares); default pow2")
+    p.add_argument("--pot-budget", help="doubleqext weight memory: fraction of 8-bit (0.77) or bytes (4000B)")
+    p.add_argument("--pot-layers", help="comma-separated layers to make PoT (instead of all / the selection)")
+    p.add_argument("--inq-retrain", type=int, metavar="EPOCHS",
+                   help="inq: INQ incremental re-training, EPOCHS per step (minutes on the CPU; needs --data)")
     p.add_argument("--calib", type=int, default=256, help="calibration images (default 256)")
     p.add_argument("--data", help="bundled data set for calibration (mnist, fashion)")
     p.add_argument("--input-shape", help="CxHxW: calibrate on random inputs (marked as such in the report)")
@@ -99,7 +140,23 @@ def main(argv=None) -> int:
             raise data.DataError(f"unknown data set {args.data!r} (known: {', '.join(data.DATASETS)})")
         if args.input_shape is not None:
             parse_shape(args.input_shape)
-        QuantOptions(method=args.method, weight_method=args.weight_method, bias_correction=args.bias_correction)
+        pot_kw = pot_options(args)
+        QuantOptions(method=args.method, weight_method=args.weight_method, bias_correction=args.bias_correction,
+                     **pot_kw)
+        if pot_kw and args.weight_method not in POT_METHODS:
+            raise CompileError(f"--{next(iter(pot_kw)).replace('_', '-')} applies to --weight-method "
+                               f"{'/'.join(POT_METHODS)}, not {args.weight_method}")
+        if args.inq_retrain is not None:
+            if args.weight_method != "inq":
+                raise CompileError(f"--inq-retrain applies to --weight-method inq, not {args.weight_method}")
+            if args.inq_retrain < 1:
+                raise CompileError(f"--inq-retrain must be >= 1 epoch per step, not {args.inq_retrain}")
+            if args.data is None and args.model not in zoo.MODELS:
+                raise CompileError("--inq-retrain needs --data (it trains on the data set's training split)")
+        if cfg.pe_kind == "int" and args.weight_method in ("inq", "doubleq") and pot_kw.get("pot_layers") != ():
+            raise CompileError(f"--weight-method {args.weight_method} makes layers PoT: it needs --pe-kind pot or hybrid")
+        if cfg.pe_kind == "int" and args.weight_method == "doubleqext":
+            raise CompileError("--weight-method doubleqext puts layers in PoT: it needs --pe-kind hybrid (or pot)")
         if args.out.exists() and not args.out.is_dir():
             raise CompileError(f"--out {args.out} exists and is not a directory")
         model = load_model(args.model, args.data)
@@ -112,25 +169,35 @@ def main(argv=None) -> int:
             calib_kind = "RANDOM uniform inputs (no data set): scales are not representative"
         t0 = time.perf_counter()
         from . import compile as compile_model
+        retrain = None
+        if args.inq_retrain is not None:
+            xtr, ytr = data.load(args.data or "mnist")[:2]
+            retrain = {"x": xtr, "y": ytr, "epochs": args.inq_retrain}
         prog = compile_model(model, calib, cfg, method=args.method, bias_correction=args.bias_correction,
-                             weight_method=args.weight_method)
+                             weight_method=args.weight_method, inq_retrain=retrain, **pot_kw)
         secs = time.perf_counter() - t0
     except (ConfigError, CompileError, UnsupportedOpError, QuantError, LowerError, KernelError, data.DataError) as e:
         print(f"python -m compiler: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
         return 2
     report = {"model": args.model, "data": args.data or ("mnist" if args.input_shape is None else None),
               "config": cfg.to_dict(), "config_hash": cfg.hash, "method": args.method,
-              "bias_correction": args.bias_correction, "calibration": {"images": len(calib), "kind": calib_kind},
+              "bias_correction": args.bias_correction, "weight_method": args.weight_method,
+              "calibration": {"images": len(calib), "kind": calib_kind},
               "compile_seconds": round(secs, 3), "instructions": len(prog.instrs),
-              "wmem_rows": len(prog.images.get("wmem", [])), "macs": prog.manifest["macs"]}
+              "wmem_rows": len(prog.images.get("wmem", [])), "macs": prog.manifest["macs"],
+              "weight_memory": prog.manifest["weight_memory"],
+              "weights_per_layer": {i["name"]: i["weights"] for i in prog.manifest["layers"] if "weights" in i}}
     try:
         write_outputs(prog, args.out, report)
     except OSError as e:
         print(f"python -m compiler: error: cannot write {args.out}: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    wm = prog.manifest["weight_memory"]
+    pot = f", PoT layers {', '.join(wm['pot_layers'])}" if wm["pot_layers"] else ""
     print(f"compiled {args.model} for {cfg.describe()} ({args.method}, {len(calib)} calibration images, "
           f"{calib_kind}) in {secs:.2f} s: {len(prog.instrs)} instructions, "
-          f"{report['wmem_rows']} weight rows -> {args.out}")
+          f"{report['wmem_rows']} weight rows, weights {wm['bytes']} bytes ({wm['bytes'] / max(wm['int8_bytes'], 1):.1%} "
+          f"of 8-bit){pot} -> {args.out}")
     return 0
 
 

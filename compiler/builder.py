@@ -108,6 +108,11 @@ class ProgramBuilder:
     def spad_rows_peak(self) -> int:
         return self.spad.peak
 
+    @property
+    def wmem_rows(self) -> int:
+        """Weight-memory rows allocated so far."""
+        return self._w_rows
+
     def _need(self, memory: str, used: int, name: str | None):
         if used > getattr(self.cfg, f"{memory}_depth"):
             where = "program" if name is None else f"layer {name}"
@@ -153,19 +158,20 @@ class ProgramBuilder:
         self.macs += k.macs
 
     def conv2d(self, x: SpadTensor, w, rq: Requant, *, stride=(1, 1), padding=(0, 0), groups: int = 1,
-               residual: SpadTensor | None = None, out_signed: bool = False, name: str = "conv") -> SpadTensor:
+               residual: SpadTensor | None = None, out_signed: bool = False, name: str = "conv",
+               pot: bool = False) -> SpadTensor:
         w = np.asarray(w)
         kh, kw = w.shape[2:]
         oh = (x.h + 2 * padding[0] - kh) // stride[0] + 1
         ow = (x.w + 2 * padding[1] - kw) // stride[1] + 1
         y = self.tensor(w.shape[0], oh, ow, out_signed, name)
         k = conv2d(self.cfg, x, y, w, rq, stride=stride, padding=padding, groups=groups,
-                   w_base=self._w_rows, param_base=self._p_rows, residual=residual)
+                   w_base=self._w_rows, param_base=self._p_rows, residual=residual, pot=pot)
         self.add(k, name)
         return y
 
     def conv2d_to_acc(self, x: SpadTensor, w, *, stride=(1, 1), padding=(0, 0), groups: int = 1,
-                      acc_base: int = 0, name: str = "conv") -> dict:
+                      acc_base: int = 0, name: str = "conv", pot: bool = False) -> dict:
         """A conv whose raw accumulators stay in acc (block ``j`` at ``acc_base + j*oh*ow``)."""
         w = np.asarray(w)
         kh, kw = w.shape[2:]
@@ -173,7 +179,7 @@ class ProgramBuilder:
         ow = (x.w + 2 * padding[1] - kw) // stride[1] + 1
         zero = Requant(bias=0, mult=0, shift=0, zp=0, lo=0, hi=0)
         k = conv2d(self.cfg, x, SpadTensor(0, w.shape[0], oh, ow), w, zero, stride=stride, padding=padding,
-                   groups=groups, w_base=self._w_rows, acc_base=acc_base, acc_out=True)
+                   groups=groups, w_base=self._w_rows, acc_base=acc_base, acc_out=True, pot=pot)
         k.params = None
         self.add(k, name)
         return {"acc_base": acc_base, "channels": int(w.shape[0]), "h": oh, "w": ow,

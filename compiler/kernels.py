@@ -115,7 +115,7 @@ def _post_segments(cfg: AccelConfig, j: int, cout: int):
 def conv2d(cfg: AccelConfig, x: SpadTensor, y: SpadTensor, w: np.ndarray, rq: Requant, *,
            stride=(1, 1), padding=(0, 0), groups: int = 1, w_base: int = 0, param_base: int = 0,
            acc_base: int = 0, acc_rows: int | None = None, residual: SpadTensor | None = None,
-           acc_out: bool = False) -> Kernel:
+           acc_out: bool = False, pot: bool = False) -> Kernel:
     """Convolution (and, with a 1x1 kernel on a 1xM image, a GEMM) into ``y``.
 
     ``w`` has shape (Cout, Cin/groups, kh, kw), signed integers of ``cfg.w_bits``. For each
@@ -125,6 +125,10 @@ def conv2d(cfg: AccelConfig, x: SpadTensor, y: SpadTensor, w: np.ndarray, rq: Re
 
     With ``acc_out`` there is no POST: output block ``j`` stays in acc rows
     ``acc_base + j*oh*ow ..`` (raw accumulators, e.g. a classifier's logits); ``y`` is ignored.
+
+    With ``pot`` the weights are power-of-two values (0 or +-2**e): wmem gets their codes
+    (:func:`hw.isa.pot_encode`) and every MATMUL has ``pot = 1``. Tiles are chosen on the values,
+    so an all-zero tile is skipped whatever zero's code is.
     """
     R, C = cfg.rows, cfg.cols
     w = np.asarray(w, np.int64)
@@ -183,7 +187,7 @@ def conv2d(cfg: AccelConfig, x: SpadTensor, y: SpadTensor, w: np.ndarray, rq: Re
                     bank=bank, accumulate=t > 0, a_signed=x.signed,
                     spad_base=x.block_base(cfg, cb) + skip * x.w, in_h=x.h - skip, in_w=x.w,
                     out_h=r1 - r0, out_w=ow, stride_h=sh, stride_w=sw,
-                    off_h=top - skip + dy, off_w=dx - pw, acc_base=base))
+                    off_h=top - skip + dy, off_w=dx - pw, acc_base=base, pot=pot))
             if acc_out:
                 continue
             for src, b, dst, n in _post_segments(cfg, j, cout):
@@ -194,6 +198,11 @@ def conv2d(cfg: AccelConfig, x: SpadTensor, y: SpadTensor, w: np.ndarray, rq: Re
                     res_base=None if residual is None else residual.block_base(cfg, b) + r0 * ow,
                     res_signed=bool(residual is not None and residual.signed)))
     k.wmem = np.concatenate(wrows) if wrows else np.zeros((0, C), np.int64)
+    if pot:
+        try:
+            k.wmem = np.asarray(isa.pot_encode(k.wmem, cfg), np.int64).reshape(-1, C)
+        except isa.PotError as e:
+            raise KernelError(str(e)) from None
     k.macs = oh * ow * cout * cin_g * kh * kw
     return k
 

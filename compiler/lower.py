@@ -10,9 +10,17 @@ A layer's output is allocated before its inputs are freed, so no kernel ever wri
 it still reads. The model input stays allocated for the whole run, so a program can be re-run
 on the same input without the host writing it again. Layers that do not reach the output are
 not emitted.
+
+Power-of-two layers (``QLayer.pot``, from :mod:`compiler.pot`) store their weights as the
+hardware's PoT codes and run with MATMUL ``pot = 1``; an ``int`` accelerator refuses them and a
+``pot`` accelerator refuses integer layers (:class:`PotLayerError`, naming the layer). The
+manifest's ``weight_memory`` and each layer's ``weights`` entry report the weight storage: the
+number format's bytes (weights x code bits) and the wmem rows/bytes the program really uses.
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from hw.isa import PoolMode
 from hw.program import Program
@@ -20,13 +28,48 @@ from hw.program import Program
 from . import CompileError
 from .builder import ProgramBuilder
 from .kernels import KernelError, Requant
-from .quantize import QGraph
+from .quantize import POT_METHODS, QGraph
 
-__all__ = ["lower", "LowerError", "live_layers"]
+__all__ = ["lower", "LowerError", "PotLayerError", "live_layers", "weight_memory"]
 
 
 class LowerError(CompileError):
     """A layer cannot be placed on the configured accelerator (names layer and memory)."""
+
+
+class PotLayerError(LowerError):
+    """A layer's weight format (PoT or INT) does not run on the accelerator's ``pe_kind``."""
+
+    def __init__(self, layer: str, message: str):
+        super().__init__(f"layer {layer}: {message}")
+        self.layer = layer
+
+
+def _check_pe_kind(cfg, name: str, pot: bool) -> None:
+    if pot and cfg.pe_kind == "int":
+        raise PotLayerError(name, "has power-of-two weights, which need pe_kind pot or hybrid; "
+                                  "this accelerator's PEs are int")
+    if not pot and cfg.pe_kind == "pot":
+        raise PotLayerError(name, "has INT weights, but pe_kind pot PEs only shift (quantize with "
+                                  "weight_method inq/doubleq/doubleqext, or use pe_kind hybrid)")
+
+
+def _weight_info(qg: QGraph, l, ql, wmem_rows: int) -> dict:
+    """Weight storage of one conv layer: format bytes and the wmem it really takes."""
+    cfg = qg.config
+    n = int(np.prod(l.weight.shape))
+    bits = int(getattr(ql, "code_bits", None) or qg.w_bits)
+    return {"format": "pot" if getattr(ql, "pot", False) else "int", "count": n, "bits": bits,
+            "bytes": -(-n * bits // 8), "wmem_rows": wmem_rows,
+            "wmem_bytes": -(-wmem_rows * cfg.cols * cfg.w_bits // 8)}
+
+
+def weight_memory(layers_info: list[dict]) -> dict:
+    """Totals of the per-layer ``weights`` entries of a manifest."""
+    w = [i["weights"] for i in layers_info if "weights" in i]
+    return {"bytes": sum(i["bytes"] for i in w), "int8_bytes": sum(i["count"] for i in w),
+            "pot_layers": [i["name"] for i in layers_info if i.get("weights", {}).get("format") == "pot"],
+            "wmem_rows": sum(i["wmem_rows"] for i in w), "wmem_bytes": sum(i["wmem_bytes"] for i in w)}
 
 
 def live_layers(graph) -> list:
@@ -123,7 +166,10 @@ def _lower(qg: QGraph, layers, reuse_spad: bool, quant, first) -> Program:
             ql = qg.layers[l.name]
             info = {"name": l.name, "kind": l.kind, "shape": list(l.shape), "scale": ql.scale,
                     "signed": ql.signed}
-            n0 = len(b.instrs)
+            n0, w0 = len(b.instrs), b.wmem_rows
+            pot = bool(getattr(ql, "pot", False))
+            if l.kind == "conv":
+                _check_pe_kind(cfg, l.name, pot)
             if l.kind == "input" and first is not None:
                 cin, kh, kw = first.weight.shape[1:]
                 _, oh, ow = first.shape
@@ -135,7 +181,7 @@ def _lower(qg: QGraph, layers, reuse_spad: bool, quant, first) -> Program:
             elif l.kind == "conv" and l.name == graph.output:
                 x = tensors[l.inputs[0]]
                 out_info = b.conv2d_to_acc(x, ql.w_q, stride=l.stride, padding=l.padding, groups=l.groups,
-                                           name=l.name)
+                                           name=l.name, pot=pot)
                 xs = qg.layers[l.inputs[0]].scale
                 out_info.update(bias_q=ql.bias_q.tolist(), scales=(xs * ql.w_scale).tolist())
             elif l.kind == "conv":
@@ -147,7 +193,7 @@ def _lower(qg: QGraph, layers, reuse_spad: bool, quant, first) -> Program:
                              lo=ql.lo, hi=ql.hi, res_mult=ql.res_mult)
                 tensors[l.name] = b.conv2d(x, w_q, rq, stride=stride, padding=padding, groups=l.groups,
                                            residual=tensors[l.residual] if l.residual else None,
-                                           out_signed=ql.signed, name=l.name)
+                                           out_signed=ql.signed, name=l.name, pot=pot)
             elif l.kind in ("maxpool", "avgpool"):
                 mode = PoolMode.MAX if l.kind == "maxpool" else PoolMode.AVG
                 tensors[l.name] = b.pool2d(tensors[l.inputs[0]], mode, l.kernel, stride=l.stride,
@@ -161,6 +207,8 @@ def _lower(qg: QGraph, layers, reuse_spad: bool, quant, first) -> Program:
             info["spad_base"] = tensors[l.name].base
             info["spad_rows"] = tensors[l.name].rows(cfg)
         info["instructions"] = len(b.instrs) - n0
+        if l.kind == "conv":
+            info["weights"] = _weight_info(qg, l, ql, b.wmem_rows - w0)
         layers_info.append(info)
         # Free what this layer read for the last time (never the model input).
         for src in dict.fromkeys(list(l.inputs) + ([l.residual] if l.residual else [])):
@@ -174,11 +222,20 @@ def _lower(qg: QGraph, layers, reuse_spad: bool, quant, first) -> Program:
                   **({"im2col": im2col} if im2col else {})},
         "output": out_info,
         "layers": layers_info,
-        "quant": quant if quant is not None else getattr(qg, "quant_manifest", None) or {
-            "method": qg.options.method, "w_bits": qg.w_bits, "a_bits": qg.a_bits,
-            "bias_correction": qg.options.bias_correction},
+        "weight_memory": weight_memory(layers_info),
+        "quant": quant if quant is not None else getattr(qg, "quant_manifest", None) or _quant_manifest(qg),
     }
     try:
         return b.build(manifest)
     except KernelError as e:
         raise LowerError(str(e)) from None
+
+
+def _quant_manifest(qg: QGraph) -> dict:
+    o = qg.options
+    q = {"method": o.method, "w_bits": qg.w_bits, "a_bits": qg.a_bits, "bias_correction": o.bias_correction}
+    if o.weight_method in POT_METHODS:  # additive: int settings keep the manifest they always had
+        q |= {"weight_method": o.weight_method, "pot_bits": qg.pot_bits, "pot_granularity": o.pot_granularity,
+              "pot_scale": o.pot_scale, "pot_layers": sorted(qg.pot_layers),
+              "pot_selection": {k: v for k, v in (qg.pot_info or {}).items() if k != "pot_layers"}}
+    return q
