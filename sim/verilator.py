@@ -636,8 +636,10 @@ def _effective_make_vars() -> dict[str, str]:
 
 
 def build_from_verilog(cfg: AccelConfig, verilog_text: str, *, build_dir=None, wmem_init=None,
-                       param_init=None, verilog_seconds: float = 0.0) -> RtlSim:
-    """Verilate ``verilog_text`` (top module ``quarry_top``) into the cache; see :func:`build`."""
+                       param_init=None, verilog_seconds: float = 0.0, toplevel: str = TOPLEVEL) -> RtlSim:
+    """Verilate ``verilog_text`` (top module ``toplevel``, by default ``quarry_top``) into the
+    cache; see :func:`build`. :meth:`RtlSim.run` drives ``quarry_top`` only; a build of another
+    top (e.g. ``boards.soc``'s) is run with its own cocotb module from ``RtlSim.path``."""
     ensure_verilator()
     root = Path(build_dir).resolve() if build_dir is not None else default_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
@@ -654,12 +656,12 @@ def build_from_verilog(cfg: AccelConfig, verilog_text: str, *, build_dir=None, w
         # directory that looks finished.
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root))
         try:
-            src = tmp / f"{TOPLEVEL}.v"
+            src = tmp / f"{toplevel}.v"
             src.write_text(verilog_text)
             log = tmp / "build.log"
             t0 = time.perf_counter()
             try:
-                _get_runner().build(sources=[src], hdl_toplevel=TOPLEVEL, build_dir=tmp,
+                _get_runner().build(sources=[src], hdl_toplevel=toplevel, build_dir=tmp,
                                     build_args=list(_BUILD_ARGS), always=True, log_file=log)
             except (Exception, SystemExit) as e:
                 raise RtlBuildError(f"Verilator build of {cfg.describe()} failed "
