@@ -28,15 +28,10 @@ from hw.isa import Opcode
 from hw.program import unpack_rows
 
 from tests.compiler_models import ROOT, run_golden
+from tests import test_quantize
 
-SEED = 20240611
-
-
-@pytest.fixture
-def rng(request):
-    seed = SEED + sum(map(ord, request.node.name))
-    print(f"seed {seed}")  # shown on failure
-    return np.random.default_rng(seed)
+SEED = test_quantize.SEED
+rng = test_quantize.rng  # the seeded fixture (prints its seed on failure)
 
 
 def _is_pot(q, emax):
