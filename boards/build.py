@@ -119,6 +119,9 @@ def resolve_program(board: Board, model: str, pe=None, bits=None, log=print) -> 
         return retarget(prog, board_config(c, memory_needs(prog)))
     from compiler import zoo
 
+    from . import tiny
+
+    tiny.register()
     if model not in zoo.MODELS:
         raise BuildError(f"--model {model}: not a compiled model directory, .qprog file or zoo model "
                          f"(known: {', '.join(zoo.MODELS)})")
@@ -131,16 +134,19 @@ def resolve_program(board: Board, model: str, pe=None, bits=None, log=print) -> 
 
 
 def compile_zoo(name: str, cfg: AccelConfig, log=print) -> Program:
-    """Compile zoo model ``name`` (trained on MNIST, cached) for ``cfg`` as ``python -m compiler``
-    does by default (percentile activations, 256 calibration images)."""
+    """Compile zoo model ``name`` (trained on MNIST, cached) for ``cfg`` with 256 calibration
+    images, as ``python -m compiler`` does by default (``quarry_tiny``: its own options)."""
     from compiler import CompileError
     from compiler import compile as compile_model
     from compiler import data, zoo
 
+    from . import tiny
+
+    tiny.register()
     model = zoo.trained(name, "mnist", log=log)
     calib = data.load("mnist")[0][:256]
     try:
-        return compile_model(model, calib, cfg)
+        return compile_model(model, calib, cfg, **(tiny.COMPILE_OPTIONS if name == tiny.NAME else {}))
     except CompileError as e:
         raise BuildError(f"compiling {name} for {cfg.describe()}: {' '.join(str(e).split())}") from None
 
@@ -327,13 +333,32 @@ def _verdict(board: Board, failed, util: dict, fmax: dict, gw: Path) -> tuple[bo
     return True, None
 
 
+def with_frequency(board: Board, hz: float) -> Board:
+    """``board`` clocked at ``hz`` (made by its PLL); raises :class:`BuildError` if it has none or
+    the PLL cannot make that frequency."""
+    from .platforms import ecp5_pll_dividers
+
+    if not board.pll:
+        raise BuildError(f"--freq: {board.name} runs at its {board.clk_hz / 1e6:g} MHz oscillator "
+                         "(no PLL in this design)")
+    try:
+        ecp5_pll_dividers(board.platform().default_clk_frequency, hz)
+    except ValueError as e:
+        raise BuildError(f"--freq: {e}") from None
+    return replace(board, clk_hz=int(round(hz)))
+
+
 # -- programming -----------------------------------------------------------------------------------------
+
+def _programmer(board: Board) -> tuple[str | None, str]:
+    """(path of the board's programming tool or None, the environment variable that overrides it)."""
+    var = board.programmer.upper().replace("-", "_")
+    return shutil.which(os.environ.get(var) or board.programmer), var
+
 
 def program_board(board: Board, report: dict) -> str:
     """Flash the bitstream with the board's programmer; raises :class:`BuildError` (one line)."""
-    var = board.programmer.upper().replace("-", "_")
-    tool = os.environ.get(var) or board.programmer
-    exe = shutil.which(tool)
+    exe, var = _programmer(board)
     if exe is None:
         raise BuildError(f"{board.programmer} not found (install it or set {var}); the bitstream is "
                          f"{report.get('bitstream')}")
@@ -372,6 +397,7 @@ def main(argv=None) -> int:
                    help="compiled model directory or .qprog, or a zoo model name (compiled for the board)")
     p.add_argument("--pe", help="array ROWSxCOLS (default: the board's)")
     p.add_argument("--bits", type=_bits, help="weight and activation bits (default: the board's)")
+    p.add_argument("--freq", type=float, help="target clock in MHz (default: the board's; boards with a PLL only)")
     p.add_argument("--out", type=Path, help="output directory (default build/boards/BOARD)")
     p.add_argument("--seed", type=int, default=1, help="nextpnr placement seed")
     p.add_argument("--program", action="store_true", help="flash the bitstream after a passing build")
@@ -385,10 +411,13 @@ def main(argv=None) -> int:
         if args.bits is not None:
             replace(board.config, w_bits=args.bits, a_bits=args.bits)  # validates the range
             bits = (args.bits, args.bits)
+        if args.freq is not None:
+            board = with_frequency(board, args.freq * 1e6)
         if out.exists() and not out.is_dir():
             raise BuildError(f"--out {out} exists and is not a directory")
-        if args.program and board.programmer and not (os.environ.get(board.programmer.upper()) or shutil.which(board.programmer)):
-            raise BuildError(f"--program: {board.programmer} not found (install it or leave out --program)")
+        if args.program and _programmer(board)[0] is None:
+            raise BuildError(f"--program: {board.programmer} not found (install it, set {_programmer(board)[1]}, "
+                             "or leave out --program)")
         prog = resolve_program(board, args.model, pe, bits, log=lambda s: print(s, file=sys.stderr))
         print(f"{board.name}: {prog.config.describe()}, {board.clk_hz / 1e6:g} MHz target -> {out}", file=sys.stderr)
         report = build(board, prog, out, seed=args.seed, log=lambda s: print(s, file=sys.stderr))

@@ -30,8 +30,8 @@ DEPTH_FIELDS = ("imem_depth", "wmem_depth", "param_depth", "spad_depth", "acc_de
 class Board:
     """One supported board.
 
-    ``config`` is the default accelerator (the default model compiled for it needs at most its
-    memory depths; ``tests/test_boards.py`` checks that). ``clk_hz`` is the accelerator clock:
+    ``config`` is the default accelerator: its memory depths are what ``default_model`` compiled
+    for it needs, rounded up to powers of two (``tests/test_boards.py`` checks that). ``clk_hz`` is the accelerator clock:
     the board oscillator (``pll=False``) or a PLL output made from it. ``resources`` maps the
     report's names (lut, ff, bram, dsp, ...) to nextpnr's cell types for this family.
     """
@@ -40,6 +40,8 @@ class Board:
     family: str                       # "ice40" or "ecp5"
     platform_name: str                # class name in amaranth_boards.<platform_module>
     platform_module: str
+    #: Zoo model whose needs ``config``'s memory depths are sized to.
+    default_model: str
     config: AccelConfig
     clk_hz: int
     pll: bool

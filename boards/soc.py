@@ -166,14 +166,18 @@ class HostBridge(wiring.Component):
                 with m.If(got & (byte == P.REQ_SYNC)):
                     m.d.sync += [crc.eq(0), nhdr.eq(0), err.eq(Status.OK)]
                     m.next = "HEADER"
-            with m.State("HEADER"):
+            def collect(view, nbytes, then):
+                """Shift ``nbytes`` received bytes into ``view`` (LSB byte first), then go on."""
                 m.d.comb += rx.ready.eq(1)
                 abort_on_timeout()
                 with m.If(got):
                     crc_in()
-                    m.d.sync += [hdr.eq(Cat(hdr.as_value()[8:], byte)), nhdr.eq(nhdr + 1)]
-                    with m.If(nhdr == hdr_bytes - 1):
-                        m.next = "DISPATCH"
+                    m.d.sync += [view.eq(Cat(view.as_value()[8:], byte)), nhdr.eq(nhdr + 1)]
+                    with m.If(nhdr == nbytes - 1):
+                        m.next = then
+
+            with m.State("HEADER"):
+                collect(hdr, hdr_bytes, "DISPATCH")
             with m.State("DISPATCH"):
                 m.d.sync += [left.eq(hdr.length), nhdr.eq(0)]
                 m.next = "SKIP"
@@ -194,13 +198,7 @@ class HostBridge(wiring.Component):
                     with m.Default():
                         fail(Status.ERR_COMMAND)
             with m.State("REGION"):
-                m.d.comb += rx.ready.eq(1)
-                abort_on_timeout()
-                with m.If(got):
-                    crc_in()
-                    m.d.sync += [rgn.eq(Cat(rgn.as_value()[8:], byte)), nhdr.eq(nhdr + 1)]
-                    with m.If(nhdr == rgn_bytes - 1):
-                        m.next = "CHECK"
+                collect(rgn, rgn_bytes, "CHECK")
             with m.State("CHECK"):
                 bad_addr, bad_len = Signal(), Signal()
                 end = Signal(17)

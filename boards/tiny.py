@@ -12,9 +12,13 @@ It is trained with the zoo's MNIST recipe and cache (``build/zoo``): :func:`regi
 
 import torch.nn as nn
 
-__all__ = ["TinyCNN", "NAME", "register"]
+__all__ = ["TinyCNN", "NAME", "COMPILE_OPTIONS", "register"]
 
 NAME = "quarry_tiny"
+#: Quantization for W4A4 (``compiler.compile`` keywords). With four channels every weight
+#: matters: on 300 MNIST test images (2x1 array) percentile ranges give 47 %, MSE ranges for
+#: activations and weights with bias correction 64 % (W8A8: 85 %, float: 87.5 %).
+COMPILE_OPTIONS = {"method": "mse", "weight_method": "mse", "bias_correction": True}
 
 
 class TinyCNN(nn.Module):

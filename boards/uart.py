@@ -29,12 +29,21 @@ def clocks_per_bit(clk_hz: float, baud: int) -> int:
     return cpb
 
 
-def _check_cpb(cpb):
-    if not isinstance(cpb, int) or cpb < MIN_CLOCKS_PER_BIT:
-        raise ValueError(f"clocks_per_bit must be an integer >= {MIN_CLOCKS_PER_BIT}, not {cpb!r}")
+class _UART(wiring.Component):
+    """Both directions take the bit period, validated the same way."""
+
+    def __init__(self, clocks_per_bit: int):
+        if not isinstance(clocks_per_bit, int) or clocks_per_bit < MIN_CLOCKS_PER_BIT:
+            raise ValueError(f"clocks_per_bit must be an integer >= {MIN_CLOCKS_PER_BIT}, not {clocks_per_bit!r}")
+        self._cpb = clocks_per_bit
+        super().__init__()
+
+    @property
+    def clocks_per_bit(self) -> int:
+        return self._cpb
 
 
-class UARTRx(wiring.Component):
+class UARTRx(_UART):
     """8N1 receiver.
 
     ``rx`` (in, 1) is the raw pin; it passes a two-flip-flop synchroniser (it is asynchronous to
@@ -51,11 +60,6 @@ class UARTRx(wiring.Component):
     rx: In(1, init=1)
     overrun: Out(1)
     framing: Out(1)
-
-    def __init__(self, clocks_per_bit: int):
-        _check_cpb(clocks_per_bit)
-        self._cpb = clocks_per_bit
-        super().__init__()
 
     def elaborate(self, platform):
         m = Module()
@@ -106,16 +110,11 @@ class UARTRx(wiring.Component):
         return m
 
 
-class UARTTx(wiring.Component):
+class UARTTx(_UART):
     """8N1 transmitter. ``data`` (in, stream of 8 bits) is taken when idle; ``tx`` idles high."""
 
     data: In(stream.Signature(8))
     tx: Out(1, init=1)
-
-    def __init__(self, clocks_per_bit: int):
-        _check_cpb(clocks_per_bit)
-        self._cpb = clocks_per_bit
-        super().__init__()
 
     def elaborate(self, platform):
         m = Module()

@@ -18,6 +18,7 @@ BOARD = Board(
     family="ecp5",
     platform_module="ulx3s",
     platform_name="ULX3S_85F_Platform",
+    default_model="quarry_cnn",
     config=AccelConfig(rows=8, cols=8, w_bits=4, a_bits=4, imem_depth=256, wmem_depth=1024,
                        param_depth=16, spad_depth=4096, acc_depth=1024),
     clk_hz=50_000_000,

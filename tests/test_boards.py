@@ -296,6 +296,8 @@ def _cli(module, args, cwd):
     (["--board", "icebreaker", "--model", "quarry_cnn", "--pe", "4"], r"pe must look like ROWSxCOLS"),
     (["--board", "icebreaker", "--model", "quarry_cnn", "--bits", "9"], r"w_bits must be an integer in 2\.\.8"),
     (["--board", "icebreaker", "--model", "bogus.qprog"], r"cannot read program bogus\.qprog"),
+    (["--board", "icebreaker", "--model", "quarry_cnn", "--freq", "24"], r"--freq: icebreaker runs at its 12 MHz"),
+    (["--board", "ulx3s-85f", "--model", "quarry_cnn", "--freq", "77.7"], r"--freq: no ECP5 PLL setting makes 77\.7 MHz"),
 ])
 def test_build_cli_bad_options(tmp_path, args, pattern):
     r = _cli("boards.build", args + ["--out", str(tmp_path / "out")], tmp_path)
@@ -350,3 +352,29 @@ def test_report_parsing_of_a_failed_place():
            "ERROR: Unable to place cell 'x', no BELs remaining to implement cell type 'ICESTORM_LC'\n")
     assert _utilisation_from_log(log) == {"ICESTORM_LC": {"used": 11306, "available": 5280},
                                           "ICESTORM_RAM": {"used": 110, "available": 30}}
+
+
+# -- board defaults ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["icebreaker", "ulx3s-85f"])
+def test_board_depths_are_what_its_default_model_needs(name):
+    """The rows a program needs depend on the model's structure only, so an untrained instance
+    (no training in the test) gives the default model's needs."""
+    from dataclasses import replace
+
+    import torch
+
+    from boards import tiny
+    from boards.build import _MEASURE_DEPTHS, board_config, memory_needs
+    from boards.platforms import get_board
+    from compiler import compile as compile_model
+    from compiler import zoo
+
+    board = get_board(name)
+    tiny.register()
+    torch.manual_seed(0)
+    model = zoo.MODELS[board.default_model]().eval()
+    calib = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    prog = compile_model(model, calib, replace(board.config, **_MEASURE_DEPTHS))
+    assert board_config(board.config, memory_needs(prog)) == board.config
+    compile_model(model, calib, board.config)  # and it compiles for the board as is
