@@ -2,7 +2,8 @@
 
 Started by :func:`boards.simulate.run_soc` inside the simulator; not meant to be run by hand.
 The job (JSON, ``$QUARRY_SOC_JOB``) names a program file, an ``.npy`` of images, the UART bit
-period and the STATUS poll interval. The host side is :mod:`boards.link`, unchanged: the very
+period and the STATUS poll interval; or, with ``pty_file``, asks the test to serve the UART on a
+pseudo-terminal for a host program (``python -m boards.host --port <pty>``) instead. The host side is :mod:`boards.link`, unchanged: the very
 generators :class:`boards.link.Device` drives over a serial port are driven here by an async
 loop whose transport is a bit-level UART on ``uart_rx`` / ``uart_tx``.
 
@@ -107,15 +108,46 @@ async def status_of(uart: Uart, frame: bytes) -> str:
     return P.Status(code).name
 
 
+async def serve_pty(uart: Uart, job: dict) -> dict:
+    """Be the far end of a pseudo-terminal: bytes a host program writes to its slave side go
+    out on ``uart_rx``, bytes from ``uart_tx`` come back. Runs until ``job["stop_file"]`` exists
+    (or ``job["wall_limit"]`` seconds pass)."""
+    import tty
+
+    master, slave = os.openpty()
+    tty.setraw(slave)  # no echo or line editing before the host's pyserial configures it
+    os.set_blocking(master, False)
+    with open(job["pty_file"] + ".tmp", "w") as f:
+        f.write(os.ttyname(slave))
+    os.replace(job["pty_file"] + ".tmp", job["pty_file"])
+    idle_ns = 20 * uart.bit_ns
+    t0 = time.time()
+    moved = 0
+    while not os.path.exists(job["stop_file"]) and time.time() - t0 < job["wall_limit"]:
+        try:
+            data = os.read(master, 4096)
+        except (BlockingIOError, OSError):
+            data = b""
+        if uart.rx:
+            os.write(master, bytes(uart.rx))
+            moved += len(uart.rx)
+            uart.rx.clear()
+        if data:
+            await uart.send(data)
+            moved += len(data)
+        else:
+            await Timer(idle_ns, "ns")
+    os.close(master)
+    os.close(slave)
+    return {"pty_bytes": moved}
+
+
 @cocotb.test()
 async def talk_to_soc(dut):
     t_start = time.time()
     with open(os.environ[JOB_ENV]) as f:
         job = json.load(f)
-    prog = Program.load(job["program"])
-    images = np.load(job["images"])
     cpb = job["clocks_per_bit"]
-    poll_ns = job["poll_cycles"] * PERIOD_NS
     Clock(dut.clk, PERIOD_NS, unit="ns").start(start_high=False)
     dut.uart_rx.value = 1
     dut.rst.value = 1
@@ -124,6 +156,12 @@ async def talk_to_soc(dut):
     dut.rst.value = 0
     uart = Uart(dut, cpb)
     cocotb.start_soon(uart.receive())
+    if job.get("pty_file"):
+        return _write_results({**await serve_pty(uart, job), "test_seconds": time.time() - t_start})
+
+    prog = Program.load(job["program"])
+    images = np.load(job["images"])
+    poll_ns = job["poll_cycles"] * PERIOD_NS
 
     info = await run(uart, link.get_info(), poll_ns)
     link.check_info(info, prog, job["rom_id"])
@@ -159,9 +197,12 @@ async def talk_to_soc(dut):
         probes["cut_short"] = P.Status(P.decode_frame(await uart.reply())[0]).name
         probes["after_errors"] = await status_of(uart, P.encode_request(P.Cmd.INFO))
 
-    out = {"info": info.__dict__, "outputs": outputs, "cycles": cycles, "probes": probes,
-           "program_load_seconds": load_s, "uart_bits": uart.bits,
-           "test_seconds": time.time() - t_start}
+    _write_results({"info": info.__dict__, "outputs": outputs, "cycles": cycles, "probes": probes,
+                    "program_load_seconds": load_s, "uart_bits": uart.bits,
+                    "test_seconds": time.time() - t_start})
+
+
+def _write_results(out: dict) -> None:
     path = os.environ[RESULTS_ENV]
     with open(f"{path}.tmp", "w") as f:
         json.dump(out, f)

@@ -7,10 +7,12 @@
     res = run_soc(sim, images)             # {"outputs": [...], "cycles": [...], "probes": {...}, ...}
 """
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ from hw.program import Program
 from . import protocol as P
 from .soc import QuarrySoC
 
-__all__ = ["TOPLEVEL", "TEST_MODULE", "SocSim", "soc_verilog", "build_soc", "run_soc", "SocSimError"]
+__all__ = ["TOPLEVEL", "TEST_MODULE", "SocSim", "soc_verilog", "build_soc", "run_soc", "soc_on_pty", "SocSimError"]
 
 TOPLEVEL = "quarry_soc"
 TEST_MODULE = "boards.cocotb_soc"
@@ -82,22 +84,14 @@ def build_soc(prog: Program, *, clocks_per_bit: int = 4, timeout_cycles: int | N
     return SocSim(prog, rtl, clocks_per_bit)
 
 
-def run_soc(sim: SocSim, images, *, poll_cycles: int = 2000, probes: bool = True) -> dict:
-    """Run :mod:`boards.cocotb_soc` on a :func:`build_soc` build: INFO check, program load, one
-    inference per image over the UART, then (``probes``) the bad-frame probes."""
+def _run_test(sim: SocSim, run_dir: Path, job: dict) -> dict:
+    """Run :mod:`boards.cocotb_soc` with ``job``; its results (raises :class:`SocSimError`)."""
     from cocotb_tools.check_results import get_results
 
     from sim.verilator import _get_runner, _repo_on_sys_path, _tail, ensure_verilator
 
     ensure_verilator()
-    prog, rtl = sim.prog, sim.rtl
-    run_dir = Path(tempfile.mkdtemp(prefix=".soc-run-", dir=rtl.path.parent))
-    prog.save(run_dir / "program.qprog")
-    np.save(run_dir / "images.npy", np.asarray(images, dtype=np.float32))
-    job = {"program": str(run_dir / "program.qprog"), "images": str(run_dir / "images.npy"),
-           "clocks_per_bit": sim.clocks_per_bit, "poll_cycles": poll_cycles, "probes": probes,
-           "rom_id": P.rom_id(prog.config, prog.images.get("wmem"), prog.images.get("param"))}
-    (run_dir / "job.json").write_text(json.dumps(job))
+    (run_dir / "job.json").write_text(json.dumps({**job, "clocks_per_bit": sim.clocks_per_bit}))
     results = run_dir / "results.json"
     env = {"QUARRY_SOC_JOB": str(run_dir / "job.json"), "QUARRY_SOC_RESULTS": str(results)}
     log = run_dir / "sim.log"
@@ -106,7 +100,7 @@ def run_soc(sim: SocSim, images, *, poll_cycles: int = 2000, probes: bool = True
     try:
         with _repo_on_sys_path():
             _get_runner().test(test_module=TEST_MODULE, hdl_toplevel=TOPLEVEL, hdl_toplevel_lang="verilog",
-                               build_dir=rtl.path, test_dir=run_dir, results_xml=str(run_dir / "results.xml"),
+                               build_dir=sim.rtl.path, test_dir=run_dir, results_xml=str(run_dir / "results.xml"),
                                extra_env=env, log_file=log)
     except (Exception, SystemExit) as e:  # the runner sys.exit()s on failure under pytest
         error = f"{type(e).__name__}: {e}"
@@ -119,6 +113,59 @@ def run_soc(sim: SocSim, images, *, poll_cycles: int = 2000, probes: bool = True
                           f"run directory kept: {run_dir}\n{_tail(log)}")
     out = json.loads(results.read_text())
     out["wall_seconds"] = time.time() - t0
+    return out
+
+
+def _run_dir(sim: SocSim) -> Path:
+    return Path(tempfile.mkdtemp(prefix=".soc-run-", dir=sim.rtl.path.parent))
+
+
+def run_soc(sim: SocSim, images, *, poll_cycles: int = 2000, probes: bool = True) -> dict:
+    """Run :mod:`boards.cocotb_soc` on a :func:`build_soc` build: INFO check, program load, one
+    inference per image over the UART, then (``probes``) the bad-frame probes."""
+    prog = sim.prog
+    run_dir = _run_dir(sim)
+    prog.save(run_dir / "program.qprog")
+    np.save(run_dir / "images.npy", np.asarray(images, dtype=np.float32))
+    out = _run_test(sim, run_dir, {
+        "program": str(run_dir / "program.qprog"), "images": str(run_dir / "images.npy"),
+        "poll_cycles": poll_cycles, "probes": probes,
+        "rom_id": P.rom_id(prog.config, prog.images.get("wmem"), prog.images.get("param"))})
     out["outputs"] = [np.asarray(o, dtype=np.int64) for o in out["outputs"]]
     shutil.rmtree(run_dir, ignore_errors=True)
     return out
+
+
+@contextlib.contextmanager
+def soc_on_pty(sim: SocSim, *, wall_limit: float = 900):
+    """Serve the simulated SoC's UART on a pseudo-terminal while the block runs; yields the
+    terminal's path, for ``python -m boards.host --port PATH``. Simulated time is slow: give the
+    host a reply timeout of many seconds."""
+    run_dir = _run_dir(sim)
+    pty_file, stop_file = run_dir / "pty", run_dir / "stop"
+    job = {"pty_file": str(pty_file), "stop_file": str(stop_file), "wall_limit": wall_limit}
+    box = {}
+
+    def serve():
+        try:
+            box["result"] = _run_test(sim, run_dir, job)
+        except BaseException as e:  # handed to the caller's thread below
+            box["error"] = e
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    deadline = time.time() + 300
+    while not pty_file.exists():
+        if not thread.is_alive() or time.time() > deadline:
+            stop_file.touch()
+            thread.join()
+            raise box.get("error") or SocSimError("the simulator did not open its pseudo-terminal")
+        time.sleep(0.1)
+    try:
+        yield pty_file.read_text()
+    finally:
+        stop_file.touch()
+        thread.join()
+    if "error" in box:
+        raise box["error"]
+    shutil.rmtree(run_dir, ignore_errors=True)

@@ -49,3 +49,38 @@ def test_soc_over_uart_matches_golden(program):
     print(f"SoC {prog.config.describe()}: {IMAGES} images over UART (4 clocks/bit), "
           f"build {sim.rtl.build_seconds:.0f} s (cached: {sim.rtl.cached}), run {res['wall_seconds']:.0f} s, "
           f"program load {res['program_load_seconds']:.1f} s, {res['uart_bits']} UART bits")
+
+
+def test_host_cli_over_a_pty_to_the_simulated_board(tmp_path):
+    """``python -m boards.host`` (pyserial, INFO check, program load, images) against the
+    simulated SoC in the iCEBreaker's default configuration, through a pseudo-terminal. The
+    model is an untrained ``quarry_tiny`` (no training in the test): only bit-exactness matters."""
+    import re
+    import subprocess
+    import sys
+
+    import torch
+
+    from boards import tiny
+    from boards.platforms import get_board
+    from boards.simulate import soc_on_pty
+    from compiler import compile as compile_model
+    from compiler import data
+
+    board = get_board("icebreaker")
+    torch.manual_seed(0)
+    xtr, _, xte, _ = data.load("mnist")
+    prog = compile_model(tiny.TinyCNN().eval(), xtr[:64], board.config, **tiny.COMPILE_OPTIONS)
+    prog.save(tmp_path / "program.qprog")
+    images = xte[:2].numpy()
+    for i, img in enumerate(images):
+        np.save(tmp_path / f"img{i}.npy", img)
+    gold = run_golden(prog, images, progress=False)
+    sim = build_soc(prog, clocks_per_bit=4)
+    with soc_on_pty(sim) as port:
+        r = subprocess.run([sys.executable, "-m", "boards.host", "--port", port, "--model", str(tmp_path / "program.qprog"),
+                            "--image", *(str(tmp_path / f"img{i}.npy") for i in range(len(images))),
+                            "--timeout", "300"], capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = [(int(p), int(c)) for p, c in re.findall(r"^image \d+: prediction (\d+), (\d+) cycles", r.stdout, re.M)]
+    assert got == list(zip(gold.predictions, gold.cycles)), r.stdout
