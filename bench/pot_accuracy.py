@@ -83,7 +83,7 @@ def run(ctx) -> dict:
     from compiler import data, zoo
     from compiler.frontend import capture
     from compiler.lower import lower
-    from compiler.pot import inq_retrain
+    from compiler.pot import inq_retrain, retrain_recipe
     from compiler.quantize import QuantOptions, quantize, simulate
     from hw.config import AccelConfig
 
@@ -110,9 +110,7 @@ def run(ctx) -> dict:
         float_acc = zoo.evaluate(model, torch.from_numpy(x), torch.from_numpy(y))
         graph = capture(model, tuple(x.shape[1:]))
         out["datasets"][ds] = {"images": len(x), "float_top1": float_acc}
-        rc = zoo.RECIPES[ds]
-        augment = {k: rc[k] for k in ("shift", "rotate", "scale", "hflip")} if rc["shift"] or rc["rotate"] else None
-        retrain_kw = dict(RETRAIN, per_epoch=rc["per_epoch"], batch=rc["batch"], augment=augment)
+        retrain_kw = RETRAIN | retrain_recipe(ds)
         ctx.log(f"{ds}: float top-1 {float_acc:.4f} on {len(x)} images")
         with GoldenRunner(x, ctx.jobs) as golden:
             for key, label, cfg_kw, q_kw, retrain in progress([s for s in SETTINGS if s[0] in keys], desc=f"{ds} PoT"):

@@ -49,13 +49,17 @@ def compile(model, calibration, config, *, method: str = "percentile", w_bits: i
     if inq_retrain is not None and weight_method != "inq":
         raise CompileError(f"inq_retrain applies to weight_method inq, not {weight_method}")
     graph = capture(model, tuple(calibration.shape[1:]))
+    record = None
     if inq_retrain is not None:
         from .pot import inq_retrain as retrain
 
         kw = dict(inq_retrain)
         bits = opts.pot_bits or w_bits or config.w_bits
-        graph, _ = retrain(graph, kw.pop("x"), kw.pop("y"), config, bits, granularity=opts.pot_granularity, **kw)
-    return lower(quantize(graph, config, calibration, opts, w_bits=w_bits, a_bits=a_bits))
+        graph, record = retrain(graph, kw.pop("x"), kw.pop("y"), config, bits, granularity=opts.pot_granularity, **kw)
+    qg = quantize(graph, config, calibration, opts, w_bits=w_bits, a_bits=a_bits)
+    if record is not None:  # the manifest's quant.pot_selection says how the weights were trained
+        qg.pot_info = dict(qg.pot_info or {}, inq_retrain=record)
+    return lower(qg)
 
 
 #: Keywords of :func:`compile` that go to ``QuantOptions`` (power-of-two weights).

@@ -171,8 +171,10 @@ def main(argv=None) -> int:
         from . import compile as compile_model
         retrain = None
         if args.inq_retrain is not None:
+            from .pot import retrain_recipe
+
             xtr, ytr = data.load(args.data or "mnist")[:2]
-            retrain = {"x": xtr, "y": ytr, "epochs": args.inq_retrain}
+            retrain = {"x": xtr, "y": ytr, "epochs": args.inq_retrain, **retrain_recipe(args.data or "mnist")}
         prog = compile_model(model, calib, cfg, method=args.method, bias_correction=args.bias_correction,
                              weight_method=args.weight_method, inq_retrain=retrain, **pot_kw)
         secs = time.perf_counter() - t0

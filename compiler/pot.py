@@ -54,7 +54,7 @@ from hw.config import AccelConfig
 __all__ = [
     "POT_METHODS", "GRANULARITIES", "POT_SCALES", "DOUBLEQ_L1_BITS", "DOUBLEQ_POT_BITS", "e_max", "round_pot", "inq_n1",
     "inq_quantize", "doubleq_quantize", "weight_bytes", "select_layers", "pot_layer_names", "plan",
-    "quantize_weights", "doubleqext_plan", "inq_retrain",
+    "quantize_weights", "doubleqext_plan", "inq_retrain", "retrain_recipe",
 ]
 
 POT_METHODS = ("inq", "doubleq", "doubleqext")
@@ -329,7 +329,7 @@ INQ_SCHEDULE = (0.5, 0.75, 0.875, 1.0)
 
 def inq_retrain(graph, x, y, cfg: AccelConfig, bits: int, *, granularity: str = "channel",
                 schedule=INQ_SCHEDULE, epochs: int = 2, per_epoch: int | None = 10_000, batch: int = 128,
-                lr: float = 1e-3, augment: dict | None = None, seed: int = 0, progress: bool = True,
+                lr: float = 5e-4, augment: dict | None = None, seed: int = 0, progress: bool = True,
                 log=None):
     """INQ incremental quantization (Zhou et al. 2017) of the BN-folded ``graph``.
 
@@ -420,6 +420,16 @@ def inq_retrain(graph, x, y, cfg: AccelConfig, bits: int, *, granularity: str = 
               "per_epoch": n, "batch": batch, "lr": lr, "seed": seed, "augment": augment, "history": history,
               "seconds": round(time.perf_counter() - t0, 1)}
     return g, record
+
+
+def retrain_recipe(dataset: str) -> dict:
+    """:func:`inq_retrain` keywords that sample like the zoo's training recipe of ``dataset``
+    (images per epoch, batch, augmentation), so re-training sees what training saw."""
+    from . import zoo
+
+    rc = zoo.RECIPES[dataset]
+    aug = {k: rc[k] for k in ("shift", "rotate", "scale", "hflip")}
+    return {"per_epoch": rc["per_epoch"], "batch": rc["batch"], "augment": aug if any(aug.values()) else None}
 
 
 def _freeze(l, frozen: torch.Tensor, scale: torch.Tensor, emax: int, frac: float) -> None:
