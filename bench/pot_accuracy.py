@@ -8,8 +8,9 @@ OMSE clip and empirical bias correction (that benchmark's recommended setting) i
 row, so the rows differ only in the weights:
 
 * ``int8``: per-channel min-max 8-bit weights on an ``int`` array (DoubleQ's level 1);
-* ``inq`` at 4 and 5 bits on a ``pot`` array of that width: PTQ (the paper's power-of-two scale,
-  and the least-squares scale), and with INQ's incremental re-training (50/75/87.5/100 %);
+* ``inq`` at 4 and 5 bits on a ``pot`` array of that width: PTQ (the paper's power-of-two scale
+  and nearest rounding; the least-squares scale; GPTQ rounding over the PoT levels), and with
+  INQ's incremental re-training (50/75/87.5/100 %);
 * ``doubleq`` on a 5-bit ``pot`` array, with and without bias correction (the paper has none);
 * ``doubleqext`` on an 8-bit ``hybrid`` array at two weight-memory budgets.
 
@@ -47,6 +48,10 @@ SETTINGS = (
     ("inq5", "INQ 5-bit PTQ", {"w_bits": 5, "pe_kind": "pot"}, {"weight_method": "inq"}, False),
     ("inq4_lsq", "INQ 4-bit PTQ, lsq scale", {"w_bits": 4, "pe_kind": "pot"},
      {"weight_method": "inq", "pot_scale": "lsq"}, False),
+    ("inq4_gptq", "INQ 4-bit PTQ, GPTQ rounding", {"w_bits": 4, "pe_kind": "pot"},
+     {"weight_method": "inq", "pot_rounding": "gptq"}, False),
+    ("inq5_gptq", "INQ 5-bit PTQ, GPTQ rounding", {"w_bits": 5, "pe_kind": "pot"},
+     {"weight_method": "inq", "pot_rounding": "gptq"}, False),
     ("inq4_rt", "INQ 4-bit + re-training", {"w_bits": 4, "pe_kind": "pot"}, {"weight_method": "inq"}, True),
     ("inq5_rt", "INQ 5-bit + re-training", {"w_bits": 5, "pe_kind": "pot"}, {"weight_method": "inq"}, True),
     ("doubleq_nobc", "DoubleQ, no bias correction", {"w_bits": 5, "pe_kind": "pot"},

@@ -23,7 +23,7 @@ def compile(model, calibration, config, *, method: str = "percentile", w_bits: i
 
     Power-of-two weights (``weight_method`` ``inq``, ``doubleq``, ``doubleqext``) take the
     :class:`~compiler.quantize.QuantOptions` fields ``pot_bits``, ``pot_granularity``,
-    ``pot_scale``, ``pot_budget`` and ``pot_layers`` as keywords. ``inq_retrain`` (``inq`` only)
+    ``pot_scale``, ``pot_rounding``, ``pot_budget`` and ``pot_layers`` as keywords. ``inq_retrain`` (``inq`` only)
     runs INQ's incremental re-training first: a dict with the training images ``x`` and labels
     ``y`` and any other keyword of :func:`compiler.pot.inq_retrain` (``epochs``, ``seed``, ...).
     """
@@ -63,4 +63,4 @@ def compile(model, calibration, config, *, method: str = "percentile", w_bits: i
 
 
 #: Keywords of :func:`compile` that go to ``QuantOptions`` (power-of-two weights).
-POT_OPTIONS = frozenset({"pot_bits", "pot_granularity", "pot_scale", "pot_budget", "pot_layers"})
+POT_OPTIONS = frozenset({"pot_bits", "pot_granularity", "pot_scale", "pot_rounding", "pot_budget", "pot_layers"})

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from hw.config import AccelConfig
 
 __all__ = [
-    "POT_METHODS", "GRANULARITIES", "POT_SCALES", "DOUBLEQ_L1_BITS", "DOUBLEQ_POT_BITS", "e_max", "round_pot", "inq_n1",
+    "POT_METHODS", "GRANULARITIES", "POT_SCALES", "POT_ROUNDINGS", "DOUBLEQ_L1_BITS", "DOUBLEQ_POT_BITS", "e_max", "round_pot", "inq_n1",
     "inq_quantize", "doubleq_quantize", "weight_bytes", "select_layers", "pot_layer_names", "plan",
     "quantize_weights", "doubleqext_plan", "inq_retrain", "retrain_recipe",
 ]
@@ -61,6 +61,8 @@ POT_METHODS = ("inq", "doubleq", "doubleqext")
 GRANULARITIES = ("layer", "channel")
 #: INQ scale: ``pow2`` (the paper's power-of-two levels) or ``lsq`` (least-squares fitted).
 POT_SCALES = ("pow2", "lsq")
+#: INQ rounding: ``nearest`` (the paper) or ``gptq`` (error-compensating, on calibration inputs).
+POT_ROUNDINGS = ("nearest", "gptq")
 #: DoubleQ's level 1 is static 8-bit weights (the paper's definition, whatever the array width).
 DOUBLEQ_L1_BITS = 8
 #: Code width DoubleQ needs: sign + k for exponents 0..7 (k = 1..8, 4 bits).
@@ -215,15 +217,21 @@ def plan(qg, calib: torch.Tensor, wb: int) -> None:
     qg.pot_layers = frozenset(qg.pot_info["pot_layers"])
 
 
-def quantize_weights(qg, l, w: np.ndarray, wb: int):
-    """(integer weights, per-channel scale, is PoT, code bits) of conv ``l`` for a PoT method."""
-    from .quantize import qrange, weight_scales
+def quantize_weights(qg, l, w: np.ndarray, wb: int, patches=None):
+    """(integer weights, per-channel scale, is PoT, code bits) of conv ``l`` for a PoT method.
+
+    ``patches()`` gives the layer's calibration receptive fields (only ``pot_rounding="gptq"``
+    calls it)."""
+    from .quantize import gptq_round, qrange, weight_scales
 
     opts, cfg = qg.options, qg.config
     emax = e_max(cfg, qg.pot_bits)
     if l.name in qg.pot_layers:
         if opts.weight_method == "inq":
             wq, s = inq_quantize(w, emax, opts.pot_granularity, opts.pot_scale)
+            if opts.pot_rounding == "gptq":
+                with torch.no_grad():
+                    wq = gptq_round(w, s, qg.pot_bits, patches(), l.groups, rounder=lambda v: round_pot(v, emax))
         else:
             _, wq, s = doubleq_quantize(w, emax)
         return wq, s, True, qg.pot_bits

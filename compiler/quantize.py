@@ -104,6 +104,9 @@ class QuantOptions:
     pot_granularity: str = "channel"
     #: ``inq``: ``pow2`` scales (the paper) or ``lsq`` (least-squares fitted; see ``compiler.pot``).
     pot_scale: str = "pow2"
+    #: ``inq``: each weight to the ``nearest`` level (the paper), or ``gptq`` (GPTQ/OBQ error
+    #: compensation on the calibration inputs, over the same PoT levels and scale).
+    pot_rounding: str = "nearest"
     #: ``doubleqext``: weight-memory budget, a fraction (float in (0, 1]) of the all-8-bit size or
     #: bytes (int). Default: the paper's operating point, 23 % below 8 bits.
     pot_budget: float | int = 0.77
@@ -134,6 +137,8 @@ class QuantOptions:
                              f"not {self.pot_granularity!r}")
         if self.pot_scale not in _pot.POT_SCALES:
             raise QuantError(f"pot_scale must be one of {', '.join(_pot.POT_SCALES)}, not {self.pot_scale!r}")
+        if self.pot_rounding not in _pot.POT_ROUNDINGS:
+            raise QuantError(f"pot_rounding must be one of {', '.join(_pot.POT_ROUNDINGS)}, not {self.pot_rounding!r}")
         b = self.pot_budget
         if isinstance(b, bool) or not (isinstance(b, float) and 0 < b <= 1 or isinstance(b, int) and b >= 1):
             raise QuantError(f"pot_budget must be a fraction in (0, 1] or a whole number of bytes >= 1, not {b!r}")
@@ -411,7 +416,7 @@ def _patches(l: Layer, x: torch.Tensor, max_rows: int = 50_000) -> np.ndarray:
 
 
 def gptq_round(w: np.ndarray, w_scale: np.ndarray, bits: int, patches: np.ndarray, groups: int = 1,
-               damp: float = 0.01) -> np.ndarray:
+               damp: float = 0.01, rounder=None) -> np.ndarray:
     """Integer weights by GPTQ / OBQ rounding (Frantar et al. 2022) on fixed per-channel scales.
 
     Instead of rounding every weight to nearest, quantize the inputs of each output channel one at
@@ -419,7 +424,9 @@ def gptq_round(w: np.ndarray, w_scale: np.ndarray, bits: int, patches: np.ndarra
     quantized, weighted by the inverse of ``H = E[x x^T]`` of the layer's calibration inputs, which
     minimises the layer's output error ``E||(W - W_q) x||^2`` rather than ``||W - W_q||^2``.
     ``patches`` is (n, Cin*kh*kw) from the float calibration input; grouped convolutions use
-    their group's slice of it. Returns int64 codes shaped like ``w``.
+    their group's slice of it. Returns int64 codes shaped like ``w``. ``rounder`` replaces the
+    uniform ``bits`` grid (a function from real values in units of the scale to integers, e.g.
+    the power-of-two rounding of :func:`compiler.pot.round_pot`).
     """
     lo, hi = qrange(bits, True)
     cout, cin_g, kh, kw = w.shape
@@ -442,7 +449,7 @@ def gptq_round(w: np.ndarray, w_scale: np.ndarray, bits: int, patches: np.ndarra
         U = np.linalg.cholesky(np.linalg.inv(H)).T
         Q = np.empty_like(W)
         for i in range(k):
-            q = np.clip(np.round(W[:, i:i + 1] / s), lo, hi)
+            q = np.clip(np.round(W[:, i:i + 1] / s), lo, hi) if rounder is None else rounder(W[:, i:i + 1] / s)
             Q[:, i:i + 1] = q
             err = (W[:, i:i + 1] - q * s) / U[i, i]
             W[:, i + 1:] -= err * U[i, i + 1:][None, :]
@@ -603,7 +610,7 @@ def _quantize_conv(qg: QGraph, ql: QLayer, wb: int, vals: dict, codes: dict | No
     qmin, qmax = qrange(wb, True)
     ql.code_bits = wb
     if opts.weight_method in POT_METHODS:
-        wq, sw, ql.pot, ql.code_bits = _pot.quantize_weights(qg, l, w, wb)
+        wq, sw, ql.pot, ql.code_bits = _pot.quantize_weights(qg, l, w, wb, lambda: _patches(l, vals[l.inputs[0]]))
     elif opts.weight_method == "gptq":
         sw = weight_scales(w, wb, "mse")
         with torch.no_grad():

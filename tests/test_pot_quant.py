@@ -108,6 +108,20 @@ def test_inq_lsq_scale_not_worse(rng):
             assert err(ql, sl).sum() <= err(qp, sp).sum() + 1e-15 and np.all(sl == sl[0])
 
 
+def test_gptq_pot_rounding_lowers_output_error(rng):
+    """GPTQ over the PoT levels keeps every weight PoT on the same scale and beats nearest
+    rounding on the layer output error for correlated inputs."""
+    from compiler.quantize import gptq_round
+
+    w = rng.laplace(0, 0.1, (6, 4, 3, 3))
+    x = np.maximum(rng.normal(size=(4000, 36)) @ rng.normal(size=(36, 36)) * 0.3 + 0.5, 0)
+    q, s = inq_quantize(w, 6)
+    g = gptq_round(w, s, 4, x, rounder=lambda v: round_pot(v, 6))
+    assert g.shape == w.shape and _is_pot(g, 6)
+    err = lambda q: float(((x @ (w - q * s[:, None, None, None]).reshape(6, -1).T) ** 2).mean())  # noqa: E731
+    assert err(g) < err(q)
+
+
 def test_doubleq_level2_is_pot_of_level1(rng):
     w = rng.laplace(0, 0.1, (6, 3, 3, 3))
     q1, q2, s = doubleq_quantize(w, 14)
@@ -196,6 +210,8 @@ def test_pot_options_validation():
         QuantOptions(pot_granularity="tensor")
     with pytest.raises(QuantError, match="pot_scale must be one of pow2, lsq"):
         QuantOptions(pot_scale="log")
+    with pytest.raises(QuantError, match="pot_rounding must be one of nearest, gptq"):
+        QuantOptions(pot_rounding="up")
     for bad in (0.0, 1.5, 0, True, "0.5"):
         with pytest.raises(QuantError, match="pot_budget must be a fraction"):
             QuantOptions(pot_budget=bad)
@@ -215,6 +231,7 @@ def test_pot_options_validation():
 
 CASES = {
     "inq4_pot": (dict(w_bits=4, pe_kind="pot"), QuantOptions("mse", weight_method="inq", bias_correction="empirical")),
+    "inq4_gptq_pot": (dict(w_bits=4, pe_kind="pot"), QuantOptions("mse", weight_method="inq", pot_rounding="gptq")),
     "inq5_layer_lsq_pot": (dict(w_bits=5, pe_kind="pot"),
                            QuantOptions("percentile", weight_method="inq", pot_granularity="layer", pot_scale="lsq")),
     "doubleq_pot": (dict(w_bits=5, pe_kind="pot"), QuantOptions("aciq", weight_method="doubleq", bias_correction="both")),
