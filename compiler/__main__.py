@@ -1,7 +1,7 @@
 """``python -m compiler MODEL --pe 16x16 --bits 4 --method aciq --calib 256 --data mnist --out build/model``
 
 Power-of-two weights: ``--weight-method inq|doubleq|doubleqext --pe-kind pot|hybrid`` with
-``--pot-bits``, ``--pot-granularity``, ``--pot-scale``, ``--pot-budget`` (``0.77`` = 77 % of the 8-bit
+``--pot-bits``, ``--pot-granularity``, ``--pot-scale``, ``--pot-rounding``, ``--pot-budget`` (``0.77`` = 77 % of the 8-bit
 weight memory, ``4000B`` = bytes), ``--pot-layers a,b`` and ``--inq-retrain EPOCHS`` (see
 :mod:`compiler.pot`).
 
@@ -88,6 +88,8 @@ def pot_options(args) -> dict:
         kw["pot_granularity"] = args.pot_granularity
     if args.pot_scale is not None:
         kw["pot_scale"] = args.pot_scale
+    if args.pot_rounding is not None:
+        kw["pot_rounding"] = args.pot_rounding
     if args.pot_budget is not None:
         kw["pot_budget"] = parse_budget(args.pot_budget)
     if args.pot_layers is not None:
@@ -120,6 +122,7 @@ def main(argv=None) -> int:
     p.add_argument("--pot-bits", type=int, help="PoT code bits (default: weight bits for inq, 5 for doubleq*)")
     p.add_argument("--pot-granularity", help="inq scale per layer or per channel (default channel)")
     p.add_argument("--pot-scale", help="inq scale: pow2 (paper) or lsq (least squares); default pow2")
+    p.add_argument("--pot-rounding", help="inq rounding: nearest (paper) or gptq; default nearest")
     p.add_argument("--pot-budget", help="doubleqext weight memory: fraction of 8-bit (0.77) or bytes (4000B)")
     p.add_argument("--pot-layers", help="comma-separated layers to make PoT (instead of all / the selection)")
     p.add_argument("--inq-retrain", type=int, metavar="EPOCHS",
