@@ -19,8 +19,6 @@ from __future__ import annotations
 import time
 from typing import Generator
 
-import numpy as np
-
 from hw import isa
 from hw.isa import HostMem
 from hw.program import Program, output_region, pack_rows, quantize_input, unpack_rows

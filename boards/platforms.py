@@ -31,8 +31,9 @@ class Board:
     """One supported board.
 
     ``config`` is the default accelerator: its memory depths are what ``default_model`` compiled
-    for it needs, rounded up to powers of two (``tests/test_boards.py`` checks that). ``clk_hz`` is the accelerator clock:
-    the board oscillator (``pll=False``) or a PLL output made from it. ``resources`` maps the
+    for it needs, rounded up to powers of two (``tests/test_boards.py`` checks that). ``clk_hz`` is
+    the accelerator clock: the board oscillator where the design meets timing there, else a PLL
+    output made from it (``pll``: the board wrapper can make one, ECP5 only for now).  ``resources`` maps the
     report's names (lut, ff, bram, dsp, ...) to nextpnr's cell types for this family.
     """
 
@@ -44,6 +45,7 @@ class Board:
     default_model: str
     config: AccelConfig
     clk_hz: int
+    #: A PLL can make other clocks than the oscillator's (``--freq``).
     pll: bool
     #: For each SoC LED (boards.soc.LEDS order): (resource name, number) or None (not shown).
     leds: tuple
@@ -60,6 +62,10 @@ class Board:
     def platform(self):
         mod = importlib.import_module(f"amaranth_boards.{self.platform_module}")
         return getattr(mod, self.platform_name)()
+
+    def uses_pll(self) -> bool:
+        """The accelerator clock is not the oscillator's: a PLL makes it."""
+        return self.clk_hz != self.platform().default_clk_frequency
 
     def synth_options(self, cfg: AccelConfig) -> list[str]:
         opts = list(self.synth_opts)
@@ -106,7 +112,7 @@ class BoardTop(Elaboratable):
     def elaborate(self, platform):
         m = Module()
         b = self.board
-        if b.pll:
+        if b.uses_pll():
             self._ecp5_pll(m, platform)
         # else: no "sync" domain here, so the platform makes it from its default clock (with its
         # power-on reset).

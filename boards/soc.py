@@ -10,7 +10,6 @@ Everything runs in the ``sync`` domain; a board wrapper (:mod:`boards.platforms`
 (the board clock, or a PLL where the board needs another frequency).
 """
 
-
 import functools
 import operator
 

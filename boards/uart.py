@@ -5,7 +5,6 @@ Both work in the ``sync`` domain; ``clocks_per_bit`` is the bit period in clock 
 the ~2 % an 8N1 receiver tolerates). Simulation uses a small value (4 and up) to stay fast.
 """
 
-
 from amaranth.hdl import Cat, Module, Signal
 from amaranth.lib import stream, wiring
 from amaranth.lib.cdc import FFSynchronizer

@@ -4,7 +4,6 @@ The SoC end to end under Verilator is in ``test_boards_soc.py``; a real iCEBreak
 ``test_boards_build.py``.
 """
 
-import json
 import random
 import re
 import subprocess
