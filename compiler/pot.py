@@ -22,6 +22,8 @@ Methods (``QuantOptions.weight_method``)
   (``QuantOptions.pot_granularity``), each weight rounded to the nearest level in the linear
   domain (ties to the larger magnitude, as INQ's ``(a + b) / 2 <= |w|`` rule). ``n1`` is chosen
   so that ``max|W| < 1.5 * 2**n1``: no weight ever wants ``2**(n1+1)``.
+  Beyond the paper, for post-training use: ``pot_scale="lsq"`` (a fitted per-channel scale, see
+  :func:`inq_quantize`) and ``pot_rounding="gptq"`` (GPTQ error compensation over the PoT levels).
   :func:`inq_retrain` is INQ's incremental re-training (optional, minutes on the CPU).
 * ``doubleq`` (IEEE Access 2021): level 1 = 8-bit per-channel min-max int weights; level 2 =
   each int8 weight rounded to the nearest power of two (same rule), keeping the level-1 scale.
@@ -30,6 +32,9 @@ Methods (``QuantOptions.weight_method``)
 * ``doubleqext``: level 2 only on the layers whose PoT rounding costs least, under a weight
   memory budget (:func:`select_layers`, :func:`doubleqext_plan`). A mix needs ``pe_kind
   hybrid``; on ``pot`` every layer is PoT; on ``int`` it is an error.
+
+With ``pot_layers`` (a mix on a ``hybrid`` array) the other layers of ``inq`` are per-channel
+min-max INT at the weight bits, those of ``doubleq*`` are the level-1 int8 weights.
 
 Weight memory (:func:`weight_bytes`): a layer's parameters x its code bits (8 for int8 layers,
 the PoT code width for PoT layers) -- the storage the number format needs, which is what the
@@ -53,7 +58,7 @@ from hw.config import AccelConfig
 
 __all__ = [
     "POT_METHODS", "GRANULARITIES", "POT_SCALES", "POT_ROUNDINGS", "DOUBLEQ_L1_BITS", "DOUBLEQ_POT_BITS", "e_max", "round_pot", "inq_n1",
-    "inq_quantize", "doubleq_quantize", "weight_bytes", "select_layers", "pot_layer_names", "plan",
+    "inq_quantize", "doubleq_quantize", "weight_bytes", "select_layers", "plan",
     "quantize_weights", "doubleqext_plan", "inq_retrain", "retrain_recipe",
 ]
 
@@ -179,10 +184,6 @@ def _pot_bits(qg, wb: int) -> int:
     if bits > cfg.w_bits:
         raise _quant_error(f"pot_bits {bits} does not fit the accelerator's {cfg.w_bits}-bit weight memory")
     return bits
-
-
-def pot_layer_names(qg) -> frozenset:
-    return frozenset(name for name, ql in qg.layers.items() if getattr(ql, "pot", False))
 
 
 def plan(qg, calib: torch.Tensor, wb: int) -> None:
