@@ -22,17 +22,24 @@ def delay(m: Module, sig, n: int, name: str = "dly"):
 
 
 def pot_product(cfg: AccelConfig, code, a):
-    """``pot_decode(code) * a`` without a multiplier: an arithmetic left shift of ``a``.
+    """``pot_decode(code) * a`` without a multiplier, as ``(term, carry)`` with
+    ``term + carry == pot_decode(code) * a``.
 
-    The sign and zero flag are applied to the narrow activation (``a_bits + 2`` bits) before the
-    shift, which is cheaper than negating the wide shifted value. Only ``pot_max_exp.bit_length()``
-    bits of the exponent reach the shifter: codes above ``pot_max_exp`` are illegal (the golden
-    model rejects them), so their high exponent bits need no hardware.
+    ``a`` (zeroed for the weight 0) is shifted left by ``k - 1``; a negative weight inverts the
+    shifted value and returns carry 1 (two's complement negation), so the ``+ 1`` rides on the
+    partial-sum adder's carry instead of needing an adder of its own. Zeroing the narrow input
+    rather than the wide product, and the carry trick, were chosen by synthesis: W4A8 on
+    ``synth_ice40`` 78 SB_LUT4 vs 100 for ``(zero ? 0 : sign ? -a : a) << (k - 1)`` (see
+    ``bench/pe_area.py``). Only ``pot_max_exp.bit_length()`` exponent bits reach the shifter:
+    codes above ``pot_max_exp`` are illegal (the golden model rejects them), so their high
+    exponent bits need no hardware.
     """
     c = data.View(isa.pot_code_layout(cfg), code)
-    x = Mux(c.mag == 0, 0, Mux(c.sign, -a, a))
+    x = Mux(c.mag == 0, 0, a)
     exp_bits = cfg.pot_max_exp.bit_length()
-    return x if exp_bits == 0 else x << (c.mag - 1)[:exp_bits]
+    shifted = x if exp_bits == 0 else x << (c.mag - 1)[:exp_bits]
+    # "-0" (sign 1, k 0) needs no special case: ~0 + 1 == 0.
+    return Mux(c.sign, ~shifted, shifted), c.sign
 
 
 class _PE(wiring.Component):
@@ -40,7 +47,8 @@ class _PE(wiring.Component):
 
     Holds two weight registers (banks) so the next tile's weights load while this tile runs.
     Each cycle it passes the activation (and the bank bit travelling with it) to the right and
-    adds ``product(weight[bank], activation)`` to the partial sum coming from above. All outputs
+    adds ``term + carry`` of ``product(weight[bank], activation)`` to the partial sum coming from
+    above (one adder: the 1-bit carry is its carry-in). All outputs
     are registered, which makes every PE-to-PE path one multiply-add long at any array size.
 
     Ports
@@ -70,6 +78,7 @@ class _PE(wiring.Component):
         super().__init__(ports)
 
     def product(self, weight, a):
+        """``(term, carry)``: the product of ``weight`` and ``a`` is ``term + carry``."""
         raise NotImplementedError
 
     def elaborate(self, platform):
@@ -82,10 +91,11 @@ class _PE(wiring.Component):
             with m.Else():
                 m.d.sync += w0.eq(self.w_data)
         weight = Mux(self.bank_in, w1, w0)
+        term, carry = self.product(weight, self.a_in)
         m.d.sync += [
             self.a_out.eq(self.a_in),
             self.bank_out.eq(self.bank_in),
-            self.psum_out.eq(self.psum_in + self.product(weight, self.a_in)),
+            self.psum_out.eq(self.psum_in + term + carry),
         ]
         if self.HAS_MODE:
             m.d.sync += self.pot_out.eq(self.pot_in)
@@ -96,7 +106,7 @@ class IntPE(_PE):
     """Integer PE: ``psum += weight * a`` with a signed ``w_bits`` weight (ports: see ``_PE``)."""
 
     def product(self, weight, a):
-        return weight * a
+        return weight * a, 0
 
 
 class PotPE(_PE):
@@ -117,7 +127,8 @@ class HybridPE(_PE):
     HAS_MODE = True
 
     def product(self, weight, a):
-        return Mux(self.pot_in, pot_product(self._cfg, weight, a), weight * a)
+        term, carry = pot_product(self._cfg, weight, a)
+        return Mux(self.pot_in, term, weight * a), self.pot_in & carry
 
 
 #: PE class of each ``AccelConfig.pe_kind``.
