@@ -190,6 +190,8 @@ def main(argv=None) -> int:
               "calibration": {"images": len(calib), "kind": calib_kind},
               "compile_seconds": round(secs, 3), "instructions": len(prog.instrs),
               "wmem_rows": len(prog.images.get("wmem", [])), "macs": prog.manifest["macs"],
+              "predicted_cycles": prog.manifest["predicted_cycles"],
+              "predicted_utilisation": prog.manifest["macs"] / (prog.manifest["predicted_cycles"] * cfg.rows * cfg.cols),
               "weight_memory": prog.manifest["weight_memory"],
               "weights_per_layer": {i["name"]: i["weights"] for i in prog.manifest["layers"] if "weights" in i}}
     try:
@@ -201,6 +203,7 @@ def main(argv=None) -> int:
     pot = f", PoT layers {', '.join(wm['pot_layers'])}" if wm["pot_layers"] else ""
     print(f"compiled {args.model} for {cfg.describe()} ({args.method}, {len(calib)} calibration images, "
           f"{calib_kind}) in {secs:.2f} s: {len(prog.instrs)} instructions, "
+          f"{report['predicted_cycles']:,} cycles predicted ({report['predicted_utilisation']:.1%} PE utilisation), "
           f"{report['wmem_rows']} weight rows, weights {wm['bytes']} bytes ({wm['bytes'] / max(wm['int8_bytes'], 1):.1%} "
           f"of 8-bit){pot} -> {args.out}")
     return 0

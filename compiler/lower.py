@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from hw import isa, timing
 from hw.isa import PoolMode
 from hw.program import Program
 
@@ -217,6 +218,7 @@ def _lower(qg: QGraph, layers, reuse_spad: bool, quant, first) -> Program:
         if last[l.name] == i and l.name in tensors and l.name != inp.name:
             b.free(tensors[l.name])  # nobody reads it (cannot happen for live layers, but harmless)
     manifest = {
+        "predicted_cycles": _predict_cycles(cfg, b.instrs, layers_info),
         "input": {"spad_base": tensors[inp.name].base, "shape": list(inp.shape),
                   "scale": qg.layers[inp.name].scale, "signed": qg.layers[inp.name].signed,
                   **({"im2col": im2col} if im2col else {})},
@@ -229,6 +231,20 @@ def _lower(qg: QGraph, layers, reuse_spad: bool, quant, first) -> Program:
         return b.build(manifest)
     except KernelError as e:
         raise LowerError(str(e)) from None
+
+
+def _predict_cycles(cfg, instrs, layers_info) -> int:
+    """Set each layer's ``predicted_cycles`` (:class:`hw.timing.CycleModel`: from the previous
+    layer's last completion to its own) and return the program's total, which is what the RTL's
+    cycle counter reads after HALT (the golden model and the RTL tests reproduce it exactly)."""
+    issue, done, total = timing.predict(cfg, list(instrs) + [isa.halt()])
+    pc, prev = 0, 0
+    for info in layers_info:
+        n = info.get("instructions", 0)
+        end = max(done[pc:pc + n], default=prev)
+        info["predicted_cycles"] = int(end - prev)
+        prev, pc = max(end, prev), pc + n
+    return total
 
 
 def _quant_manifest(qg: QGraph) -> dict:

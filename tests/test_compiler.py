@@ -127,6 +127,19 @@ def test_random_model_golden_vs_float(seed):
             assert np.array_equal(acc_to_chw(prog, accs[i]), sim[i]), f"seed {seed} image {i}: golden != simulate"
 
 
+@pytest.mark.parametrize("seed", SEEDS[:4])
+def test_manifest_predicted_cycles_equal_the_golden_run(seed):
+    """The manifest's per-layer predicted cycles add up to the program's cycles on the golden model
+    (whose count the RTL tests show equals the RTL's counter)."""
+    model, shape, cfg, x = random_case(seed)
+    prog = lower(quantize(capture(model, shape), cfg, x, QuantOptions("minmax")))
+    cycles = Machine(cfg).run(prog).cycles
+    layers = prog.manifest["layers"]
+    assert prog.manifest["predicted_cycles"] == cycles
+    assert sum(l["predicted_cycles"] for l in layers) == cycles - 1  # + the HALT cycle
+    assert all(l["predicted_cycles"] > 0 for l in layers if l.get("instructions"))
+
+
 def test_bn_folding_is_exact():
     for seed in SEEDS:
         model, shape, _, x = random_case(seed)
