@@ -185,7 +185,7 @@ def markdown(res: dict, meta: dict) -> str:
         "(the depthwise layer is stored as dense tiles; a hybrid array's wmem is 8 bits wide, so its PoT rows "
         "save format bytes but not wmem bytes). INQ re-training: "
         f"{res['retrain']['epochs']} epochs per step of the 50/75/87.5/100 % schedule, Adam lr "
-        f"{res['retrain']['lr']}, seed {res['retrain']['seed']}.", "",
+        f"{res['retrain']['lr']}, seed {res['retrain']['seed']}. One test image is {100 / res['images']:.1f} pt.", "",
     ]
     for ds, d in res["datasets"].items():
         rows = [r for r in res["rows"] if r["dataset"] == ds]
@@ -237,7 +237,7 @@ def plot(res: dict, path: Path) -> None:
         rows = [r for r in res["rows"] if r["dataset"] == ds]
         for i, r in enumerate(rows):
             mem = 100 * r["weight_bytes"] / r["int8_bytes"]
-            ax.scatter(mem, 100 * r["top1"], s=40, color=plt.get_cmap("tab10")(i % 10), label=r["label"], zorder=3)
+            ax.scatter(mem, 100 * r["top1"], s=40, color=plt.get_cmap("tab20")(i % 20), label=r["label"], zorder=3)
         ax.axhline(100 * res["datasets"][ds]["float_top1"], color="k", ls="--", lw=1, label="float")
         ax.set_xlabel("weight bytes, % of 8-bit")
         ax.set_ylabel("top-1 (%) on golden model")
