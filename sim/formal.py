@@ -98,7 +98,8 @@ def check(name: str, top, ports, *, mode: str = "prove", depth: int = 8, engine:
     missing = available()
     if missing:
         raise FormalError(missing)
-    job = WORK / name
+    # One folder per process: two test runs in one checkout must not share (and delete) a job.
+    job = WORK / f"{name}.{os.getpid()}"
     if job.exists():
         shutil.rmtree(job)
     job.mkdir(parents=True)
