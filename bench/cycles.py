@@ -9,7 +9,7 @@ For a 16x16 weight-stationary array (8-bit):
   (program start to HALT: weight preloads, every pass, requantization into the scratchpad); the
   default model's per-layer split comes from the issue cycles of each layer's instructions;
 * **SCALE-Sim** 2.0.2 (PyPI ``scalesim``; 3.0.0 crashes on plain convs), weight-stationary, the
-  config of ``../shared/scalesim-example.cfg`` with the same array size; its total cycles per
+  config of ``bench/scalesim_ws.cfg`` with the same array size; its total cycles per
   layer (compute, with its own fill/drain; no pooling, no requantization). SCALE-Sim has no
   padding or groups: a padded conv is given the padded input size, a depthwise conv is ``C``
   one-channel convs (cycles summed).
@@ -40,7 +40,9 @@ BITS = 8
 WMEM_DEPTH = 16384
 #: The 1024-row GEMM input (128 channels = 8 blocks x 1024 rows) and its output.
 SPAD_DEPTH = 32768
-SCALESIM_CFG = ROOT.parent / "shared" / "scalesim-example.cfg"
+#: SCALE-Sim's weight-stationary config (a copy of the team's checked ``scalesim-example.cfg``);
+#: the array size is substituted.
+SCALESIM_CFG = ROOT / "bench" / "scalesim_ws.cfg"
 
 
 def _config():
@@ -245,7 +247,7 @@ def markdown(res: dict, meta: dict) -> str:
              "exactly (checked in `tests/test_rtl_system.py` on every random program and by `make demo` under "
              "Verilator). A single layer runs from program start to HALT, including weight preloads and the "
              "requantization of every output block into the scratchpad. SCALE-Sim 2.0.2, same array, "
-             "weight-stationary (`../shared/scalesim-example.cfg`); it models compute only (no requantization).",
+             "weight-stationary (`bench/scalesim_ws.cfg`); it models compute only (no requantization).",
              "", "| suite | layer | MACs | ideal | Quarry | SCALE-Sim | Quarry util | SCALE-Sim util | Quarry / SCALE-Sim |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in res["layers"]:
