@@ -22,6 +22,7 @@ at 16x16 input (widths 16-32-64-128, as for CIFAR-size images), the two conv lay
 from __future__ import annotations
 
 import csv
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -40,6 +41,8 @@ BITS = 8
 WMEM_DEPTH = 16384
 #: The 1024-row GEMM input (128 channels = 8 blocks x 1024 rows) and its output.
 SPAD_DEPTH = 32768
+#: The 128-channel 3x3 layers take over 1,024 instructions each.
+IMEM_DEPTH = 4096
 #: SCALE-Sim's weight-stationary config (a copy of the team's checked ``scalesim-example.cfg``);
 #: the array size is substituted.
 SCALESIM_CFG = ROOT / "bench" / "scalesim_ws.cfg"
@@ -48,7 +51,8 @@ SCALESIM_CFG = ROOT / "bench" / "scalesim_ws.cfg"
 def _config():
     from hw.config import AccelConfig
 
-    return AccelConfig(rows=ROWS, cols=COLS, w_bits=BITS, a_bits=BITS, wmem_depth=WMEM_DEPTH, spad_depth=SPAD_DEPTH)
+    return AccelConfig(rows=ROWS, cols=COLS, w_bits=BITS, a_bits=BITS, wmem_depth=WMEM_DEPTH, spad_depth=SPAD_DEPTH,
+                       imem_depth=IMEM_DEPTH)
 
 
 # -- workloads ---------------------------------------------------------------------------------------
@@ -156,10 +160,8 @@ def default_model_layers(cfg, log):
 
 def scalesim_cycles(layers: list[dict], work: Path, log) -> list[int]:
     """SCALE-Sim total cycles for each layer (depthwise: summed over one-channel convs)."""
-    try:
-        import scalesim  # noqa: F401
-    except ImportError:
-        raise BenchError("SCALE-Sim is not installed: pip install scalesim==2.0.2") from None
+    if importlib.util.find_spec("scalesim") is None:
+        raise BenchError("SCALE-Sim is not installed: pip install scalesim==2.0.2")
     if not SCALESIM_CFG.exists():
         raise BenchError(f"{SCALESIM_CFG} is missing")
     if work.exists():
@@ -202,7 +204,8 @@ def scalesim_cycles(layers: list[dict], work: Path, log) -> list[int]:
 def run(ctx: Context) -> dict:
     cfg = _config()
     layers = peers_layers() + gemms() + (resnet18_small() if not ctx.quick else resnet18_small()[:5])
-    out = {"config": {"rows": ROWS, "cols": COLS, "bits": BITS, "wmem_depth": WMEM_DEPTH, "spad_depth": SPAD_DEPTH},
+    out = {"config": {"rows": ROWS, "cols": COLS, "bits": BITS, "wmem_depth": WMEM_DEPTH, "spad_depth": SPAD_DEPTH,
+                      "imem_depth": IMEM_DEPTH},
            "scalesim": {"version": "2.0.2", "config": SCALESIM_CFG.name}, "layers": [], "models": []}
     for L in progress(layers, desc="quarry layers", unit="layer"):
         out["layers"].append({**L, "macs": macs(L), "ideal": -(-macs(L) // (ROWS * COLS)),
