@@ -109,7 +109,7 @@ class PeProof(Elaboratable):
         w = [Signal(signed(wb), name=f"ref_w{i}") for i in range(2)]
         with m.If(d.w_we):
             m.d.sync += w[0].eq(Mux(d.w_bank, w[0], d.w_data)), w[1].eq(Mux(d.w_bank, d.w_data, w[1]))
-        mag, sign = d.w_data.as_unsigned()[:wb - 1], d.w_data.as_unsigned()[wb - 1]
+        mag = d.w_data.as_unsigned()[:wb - 1]
         if cfg.pe_kind != "int":
             with m.If(d.w_we):
                 m.d.comb += Assume(mag <= cfg.pot_max_exp + 1)
