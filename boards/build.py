@@ -209,6 +209,12 @@ def _utilisation_from_log(text: str) -> dict[str, dict[str, int]]:
     return out
 
 
+def _pseudo_clock(net: str) -> bool:
+    """nextpnr-ice40 lists its constant nets (``$PACKER_GND_NET``) among the clocks; real clocks
+    can also start with ``$`` (ECP5's ``$glbnet$clk``)."""
+    return net.startswith("$PACKER_")
+
+
 def _synth_counts(stat_path: Path) -> dict[str, int]:
     """Cell counts of the synthesized top from yosys ``stat -json``."""
     try:
@@ -300,9 +306,8 @@ def build(board: Board, prog: Program, out: Path, *, seed: int = 1, log=print) -
         if pnr_report.exists():
             rj = json.loads(pnr_report.read_text())
             util = {k: {"used": v["used"], "available": v["available"]} for k, v in rj.get("utilization", {}).items()}
-            # nextpnr lists internal nets (e.g. $PACKER_GND_NET) among the clocks: only real ones count.
             fmax = {k: {"achieved_mhz": round(v["achieved"], 2), "constraint_mhz": round(v["constraint"], 2)}
-                    for k, v in rj.get("fmax", {}).items() if not k.startswith("$")}
+                    for k, v in rj.get("fmax", {}).items() if not _pseudo_clock(k)}
         report["utilization"] = util
         report["resources"] = _summarise(board, util, _synth_counts(gw / "synth_stat.json"))
         report["fmax"] = fmax

@@ -377,3 +377,10 @@ def test_board_depths_are_what_its_default_model_needs(name):
     prog = compile_model(model, calib, replace(board.config, **_MEASURE_DEPTHS))
     assert board_config(board.config, memory_needs(prog)) == board.config
     compile_model(model, calib, board.config)  # and it compiles for the board as is
+
+
+def test_pseudo_clocks_are_dropped_and_real_ones_kept():
+    from boards.build import _pseudo_clock
+
+    assert _pseudo_clock("$PACKER_GND_NET")
+    assert not _pseudo_clock("$glbnet$clk") and not _pseudo_clock("cd_sync.clk")
