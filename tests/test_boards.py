@@ -384,3 +384,17 @@ def test_pseudo_clocks_are_dropped_and_real_ones_kept():
 
     assert _pseudo_clock("$PACKER_GND_NET")
     assert not _pseudo_clock("$glbnet$clk") and not _pseudo_clock("cd_sync.clk")
+
+
+def test_host_finds_the_program_of_the_bitstream(tmp_path):
+    from boards.host import HostError, find_program, rom_id_of
+    from hw.program import Program
+
+    progs = [Program(SMALL, [isa.halt()], {}, {}), Program(SMALL, [isa.nop(), isa.halt()], {"wmem": [3]}, {})]
+    for i, prog in enumerate(progs):
+        prog.save(tmp_path / f"board{i}" / "program.qprog")
+    for prog in progs:
+        info = P.Info(P.VERSION, 1, 4, SMALL.hash, rom_id_of(prog))
+        assert find_program(info, tmp_path).images == prog.images
+    with pytest.raises(HostError, match="no program under"):
+        find_program(P.Info(P.VERSION, 1, 4, SMALL.hash, 12345), tmp_path)
