@@ -63,12 +63,14 @@ def run(ctx) -> dict:
         prog = resolve_program(board, model, pe, (bits, bits) if bits else None, log=ctx.log)
         ctx.log(f"{label}: {prog.config.describe()} at {board.clk_hz / 1e6:g} MHz ...")
         t0 = time.perf_counter()
-        rep = build(board, prog, out_root / label, log=ctx.log)
+        # A finished build from an identical build plan (design, scripts, options, tools) is
+        # reused: a run killed part way does not redo the builds it had finished.
+        rep = build(board, prog, out_root / label, log=ctx.log, reuse=True)
         wall = time.perf_counter() - t0
         row = {"label": label, "board": bname, "model": model, "config": prog.config.describe(),
                "target_mhz": board.clk_hz / 1e6, "pass": rep["pass"], "failure": rep["failure"],
                "resources": rep["resources"], "fmax": rep["fmax"], "seconds": rep["seconds"],
-               "build_wall_seconds": round(wall, 1), "needs": rep["needs"],
+               "build_wall_seconds": round(wall, 1), "reused": bool(rep.get("reused")), "needs": rep["needs"],
                "report": str((out_root / label / "report.json").relative_to(ROOT))}
         row.update(_golden(prog, images, labels))
         row["latency_ms_at_target"] = round(1e3 * row["cycles_per_image"] / board.clk_hz, 3)

