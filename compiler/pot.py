@@ -255,25 +255,15 @@ def select_layers(sizes: dict, costs: dict, int_bits: int, pot_bits: int, budget
     Ties go to the smaller memory, then to the lexicographically first set. Returns
     ``(names, predicted cost, memory bits)`` or ``None`` if even all-PoT exceeds the budget.
 
-    A 0/1 knapsack solved on the Pareto front of (memory, cost): each layer either stays or goes
-    PoT, and dominated partial choices are dropped. Exact, so the predicted cost never increases
-    when the budget grows.
+    A 0/1 knapsack (each layer either stays or goes PoT) solved exactly by
+    :func:`compiler.mixed.pareto_knapsack`, the solver per-layer mixed precision uses too, so
+    the predicted cost never increases when the budget grows.
     """
-    names = sorted(sizes)
-    front = [(sum(sizes[n] * int_bits for n in names), 0.0, ())]
-    for n in names:
-        save = sizes[n] * (int_bits - pot_bits)
-        c = max(0.0, float(costs[n]))
-        cand = sorted(front + [(m - save, cost + c, sel + (n,)) for m, cost, sel in front])
-        front = []
-        for m, cost, sel in cand:  # ascending memory: keep a point only if it is cheaper
-            if not front or cost < front[-1][1]:
-                front.append((m, cost, sel))
-    ok = [p for p in front if p[0] <= budget_bits]
-    if not ok:
-        return None
-    m, cost, sel = min(ok, key=lambda p: (p[1], p[0], p[2]))
-    return sel, cost, m
+    from .mixed import pareto_knapsack  # local: mixed imports quantize, which imports this module
+
+    items = [[(sizes[n] * int_bits, 0.0, None), (sizes[n] * pot_bits, max(0.0, float(costs[n])), n)]
+             for n in sorted(sizes)]
+    return pareto_knapsack(items, budget_bits)
 
 
 def _kl(ref_logits: np.ndarray, logits: np.ndarray) -> float:

@@ -179,6 +179,8 @@ class QGraph:
     pot_layers: frozenset = frozenset()
     pot_bits: int | None = None
     pot_info: dict | None = None
+    #: Per-layer (weight bits, activation bits) of the layers given ``layer_bits`` (mixed precision).
+    layer_bits: dict = field(default_factory=dict)
 
 
 # -- float reference --------------------------------------------------------------------------
@@ -552,16 +554,33 @@ def simulate(qg: QGraph, x, record: bool = False):
 # -- driver ------------------------------------------------------------------------------------
 
 def quantize(graph: Graph, cfg: AccelConfig, calib: torch.Tensor, opts: QuantOptions = QuantOptions(),
-             w_bits: int | None = None, a_bits: int | None = None) -> QGraph:
-    """Calibrate on ``calib`` (N, C, H, W float) and quantize every layer."""
+             w_bits: int | None = None, a_bits: int | None = None, *, layer_bits: dict | None = None,
+             act_scales: dict | None = None, w_scales: dict | None = None) -> QGraph:
+    """Calibrate on ``calib`` (N, C, H, W float) and quantize every layer.
+
+    Per-layer mixed precision (:mod:`compiler.mixed`): ``layer_bits`` maps a conv/linear layer's
+    name to ``(weight bits, activation bits)`` (either may be ``None``: the global width), each at
+    most the accelerator's. The weight bits set that layer's code range and ``code_bits`` (the
+    packed weight-memory report); the activation bits set its output clamp ``lo``/``hi`` (POST
+    clamps per layer, so narrower codes need nothing else). The model input keeps the global
+    activation width (the host quantizes it at the accelerator's ``a_bits``).
+
+    Learned scales (:mod:`compiler.qat`): ``act_scales`` maps a layer (the input or a conv) to its
+    output activation scale, used as is instead of a range estimate; ``w_scales`` maps a conv to
+    its per-output-channel weight scales, with which its weights are rounded to nearest (ties to
+    even) and clamped, exactly as the QAT forward did (``weight_method`` does not apply to it).
+    Without these keywords nothing changes.
+    """
     wb = w_bits or cfg.w_bits
     ab = a_bits or cfg.a_bits
     if wb > cfg.w_bits or ab > cfg.a_bits:
         raise QuantError(f"W{wb}A{ab} does not fit a W{cfg.w_bits}A{cfg.a_bits} accelerator")
+    per_layer = _check_layer_bits(graph, cfg, layer_bits or {}, wb, ab)
+    act_scales, w_scales = act_scales or {}, w_scales or {}
     calib = torch.as_tensor(calib, dtype=torch.float32)
     with torch.no_grad():
         vals = float_forward(graph, calib, record=True)
-    qg = QGraph(graph, cfg, options=opts, w_bits=wb, a_bits=ab)
+    qg = QGraph(graph, cfg, options=opts, w_bits=wb, a_bits=ab, layer_bits=per_layer)
     if opts.weight_method in POT_METHODS:
         _pot.plan(qg, calib, wb)
     empirical = opts.bias_correction in ("empirical", "both")
@@ -576,22 +595,28 @@ def quantize(graph: Graph, cfg: AccelConfig, calib: torch.Tensor, opts: QuantOpt
             src = qg.layers[l.inputs[0]]
             ql = QLayer(l, src.scale, src.signed, src.lo, src.hi)
         else:
+            lwb, lab = per_layer.get(l.name, (wb, ab))
             v = vals[l.name].numpy().reshape(-1)
-            if v.size > _MAX_SAMPLES:
-                v = rng.choice(v, _MAX_SAMPLES, replace=False)
-            signed = bool(v.min() < 0) if l.kind == "input" else l.act is None
-            clip = estimate_clip(v, ab, signed, opts.method, opts.percentile)
-            pools = [c for c in consumers[l.name] if c.kind == "avgpool"]
-            if opts.pool_aware and pools and len(pools) == len(consumers[l.name]):
-                clip = pooled_mse_clip(vals[l.name], ab, signed, pools)
-            if l.act == "relu6":
-                clip = min(clip, 6.0)
-            elif isinstance(l.act, tuple):
-                clip = min(clip, l.act[1])
-            lo, hi = qrange(ab, signed)
-            ql = QLayer(l, clip / hi, signed, lo, hi)
+            if l.name in act_scales:
+                signed = bool(v.min() < 0) if l.kind == "input" else l.act is None
+                lo, hi = qrange(lab, signed)
+                ql = QLayer(l, float(act_scales[l.name]), signed, lo, hi)
+            else:
+                if v.size > _MAX_SAMPLES:
+                    v = rng.choice(v, _MAX_SAMPLES, replace=False)
+                signed = bool(v.min() < 0) if l.kind == "input" else l.act is None
+                clip = estimate_clip(v, lab, signed, opts.method, opts.percentile)
+                pools = [c for c in consumers[l.name] if c.kind == "avgpool"]
+                if opts.pool_aware and pools and len(pools) == len(consumers[l.name]):
+                    clip = pooled_mse_clip(vals[l.name], lab, signed, pools)
+                if l.act == "relu6":
+                    clip = min(clip, 6.0)
+                elif isinstance(l.act, tuple):
+                    clip = min(clip, l.act[1])
+                lo, hi = qrange(lab, signed)
+                ql = QLayer(l, clip / hi, signed, lo, hi)
             if l.kind == "conv":
-                _quantize_conv(qg, ql, wb, vals, codes if empirical else None)
+                _quantize_conv(qg, ql, lwb, vals, codes if empirical else None, w_scales.get(l.name))
         qg.layers[l.name] = ql
         if empirical:
             if l.kind == "input":
@@ -603,13 +628,33 @@ def quantize(graph: Graph, cfg: AccelConfig, calib: torch.Tensor, opts: QuantOpt
     return qg
 
 
-def _quantize_conv(qg: QGraph, ql: QLayer, wb: int, vals: dict, codes: dict | None):
+def _check_layer_bits(graph: Graph, cfg: AccelConfig, layer_bits: dict, wb: int, ab: int) -> dict:
+    """``layer_bits`` checked and completed: {conv name: (weight bits, activation bits)}."""
+    convs = [l.name for l in graph.layers if l.kind == "conv"]
+    out = {}
+    for name, bits in layer_bits.items():
+        if name not in convs:
+            raise QuantError(f"layer_bits: {name!r} is not a conv/linear layer (layers: {', '.join(convs)})")
+        w, a = (bits, None) if isinstance(bits, int) else tuple(bits)
+        w, a = w or wb, a or ab
+        for what, v, top in (("weight", w, cfg.w_bits), ("activation", a, cfg.a_bits)):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or not 2 <= v <= top:
+                raise QuantError(f"layer_bits: {name} {what} bits must be an integer in 2..{top} "
+                                 f"(the accelerator's {what} width), not {v!r}")
+        out[name] = (int(w), int(a))
+    return out
+
+
+def _quantize_conv(qg: QGraph, ql: QLayer, wb: int, vals: dict, codes: dict | None, w_scale=None):
     cfg, l, opts = qg.config, ql.layer, qg.options
     x = qg.layers[l.inputs[0]]
     w = l.weight.numpy().astype(np.float64)
     qmin, qmax = qrange(wb, True)
     ql.code_bits = wb
-    if opts.weight_method in POT_METHODS:
+    if w_scale is not None:  # learned (QAT): round to nearest on the given per-channel scales
+        sw = np.asarray(w_scale, dtype=np.float64).reshape(-1)
+        wq = np.clip(np.round(w / sw.reshape(-1, 1, 1, 1)), qmin, qmax).astype(np.int64)
+    elif opts.weight_method in POT_METHODS:
         wq, sw, ql.pot, ql.code_bits = _pot.quantize_weights(qg, l, w, wb, lambda: _patches(l, vals[l.inputs[0]]))
     elif opts.weight_method == "gptq":
         sw = weight_scales(w, wb, "mse")
