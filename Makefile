@@ -26,9 +26,10 @@ demo: setup
 test: setup
 	$(PY) -m pytest -n 2 -q tests
 
-## make fuzz N=10000: random programs x configs, RTL (Verilator) against the golden model
+## make fuzz N=10000: random programs x configs, RTL (Verilator) against the golden model;
+## resumable (build/fuzz/state-s$(SEED).json; FRESH=1 starts over), record in bench/results/fuzz.*
 fuzz: setup
-	$(PY) -m pytest -q -s tests/test_rtl_system.py -k fuzz --fuzz-n $(N) --fuzz-seed $(SEED)
+	$(PY) -m sim.fuzz --n $(N) --seed $(SEED) $(if $(FRESH),--fresh,) $(if $(BUDGET),--budget $(BUDGET),)
 
 ## make formal: the formal proofs (SymbiYosys + boolector from pip); seconds each
 formal: setup

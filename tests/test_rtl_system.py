@@ -1,8 +1,8 @@
 """System tests: random programs on the generated Verilog under Verilator (cocotb), every output
 word and the cycle counter compared with the golden model.
 
-``make fuzz N=...`` runs ``test_fuzz_random_configs`` with N programs over random configs and
-prints the seed of any failure.
+``test_fuzz_random_configs`` runs a short :mod:`sim.fuzz` session; ``make fuzz N=...`` runs the
+long, resumable one (``python -m sim.fuzz``).
 """
 
 import numpy as np
@@ -74,14 +74,16 @@ def test_random_programs(name):
     _check(cfg, seed, PROGRAMS_PER_CONFIG, name)
 
 
-def test_fuzz_random_configs(request):
-    """Random configs x random programs. Default: 2 configs x 12 programs; ``--fuzz-n N`` for more."""
-    n = request.config.getoption("--fuzz-n")
+def test_fuzz_random_configs(request, tmp_path):
+    """Random configs x random programs through :mod:`sim.fuzz` (the driver of ``make fuzz``).
+    Default: 2 configs x 12 programs; ``--fuzz-n N`` for more."""
+    from sim import fuzz
+
+    n = request.config.getoption("--fuzz-n") or 24
     seed = request.config.getoption("--fuzz-seed")
-    per_cfg = 12 if n == 0 else 50
-    n_cfg = 2 if n == 0 else max(1, -(-n // per_cfg))
-    for k in range(n_cfg):
-        cfg_seed = seed * 100_003 + k
-        cfg = helpers.random_config(np.random.default_rng(cfg_seed))
-        _check(cfg, cfg_seed, per_cfg if n == 0 else min(per_cfg, n - k * per_cfg),
-               f"fuzz config seed {cfg_seed} ({cfg.describe()})")
+    st = fuzz.run(n, seed, per_config=12 if n == 24 else 400, batch=50, state_path=tmp_path / "state.json")
+    s = fuzz.summarize(st, n)
+    print(f"fuzz seed {seed}: {s['programs']} programs on {s['configs']} configs {s['pe_kinds']}, "
+          f"{s['mismatching_programs']} mismatching")
+    assert st["done"] == n
+    assert not st["mismatches"], f"fuzz seed {seed}: mismatches {st['mismatches']}"
