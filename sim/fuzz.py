@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import platform
 import subprocess
@@ -55,7 +56,7 @@ if str(ROOT) not in sys.path:  # tests.helpers holds the random program generato
 
 from tests import helpers  # noqa: E402
 
-__all__ = ["KINDS", "fuzz_config", "config_seed", "make_case", "case_job", "rtl_backend", "minimize",
+__all__ = ["KINDS", "fuzz_config", "fast_words", "config_seed", "make_case", "case_job", "rtl_backend", "minimize",
            "run", "write_record", "main", "NARROW_ACC_P"]
 
 KINDS = ("conv", "gemm", "pool", "residual")
@@ -84,11 +85,40 @@ def fuzz_config(cfg_seed: int) -> AccelConfig:
     return cfg
 
 
+@functools.lru_cache(maxsize=None)
+def _field_table(cfg: AccelConfig, op: Opcode) -> tuple[tuple[str, int, int], ...]:
+    """(field, bit offset in the instruction word, width) of ``op``'s arguments, from
+    :func:`hw.isa.args_layout` (the arguments follow the ``OPCODE_BITS`` opcode)."""
+    return tuple((name, isa.OPCODE_BITS + f.offset, f.width) for name, f in isa.args_layout(cfg, op))
+
+
+def fast_words(prog: Program) -> list[int]:
+    """``prog.words()`` by shifts and masks over :func:`_field_table` (Amaranth's ``Layout.const``
+    took two thirds of a fuzz batch's time). ``tests/test_fuzz.py`` checks it equals ``words()``."""
+    cfg = prog.config
+    out = []
+    for ins in prog.instrs:
+        w = ins.op.value
+        for name, off, width in _field_table(cfg, ins.op):
+            w |= (ins.args[name] & ((1 << width) - 1)) << off
+        out.append(w)
+    return out
+
+
+def _cache_words(prog: Program) -> Program:
+    """Let ``prog.words()`` return precomputed words (the golden run and the RTL job both ask)."""
+    words = fast_words(prog)
+    prog.words = lambda: list(words)  # an instance attribute shadows the method
+    return prog
+
+
 def make_case(cfg: AccelConfig, cfg_seed: int, j: int) -> tuple[str, helpers.Case]:
     """Case ``j`` of config ``cfg_seed``: (kind, case)."""
     kind = KINDS[j % len(KINDS)]
     rng = np.random.default_rng([cfg_seed, j])
-    return kind, getattr(helpers, f"random_{kind}_case")(rng, cfg)
+    case = getattr(helpers, f"random_{kind}_case")(rng, cfg)
+    _cache_words(case.program)
+    return kind, case
 
 
 def case_job(case: helpers.Case):
@@ -138,7 +168,7 @@ def _with_instrs(case: helpers.Case, instrs) -> helpers.Case | None:
         prog = Program(p.config, list(instrs), p.images, p.manifest)
     except ProgramError:
         return None
-    c = case._replace(program=prog)
+    c = case._replace(program=_cache_words(prog))
     return c if _golden_ok(c) else None
 
 

@@ -100,3 +100,24 @@ def test_minimize_halves_count_fields():
     small, _ = fuzz.minimize(case, fails, log=lambda s: None)
     mm = [i for i in small.program.instrs if i.op is Opcode.MATMUL]
     assert len(small.program.instrs) <= 3 and len(mm) == 1 and mm[0].out_w in (2, 3)
+
+
+def test_fast_words_equal_the_isa_encoder():
+    """The fuzz driver's shift-and-mask encoder against hw.isa's (Amaranth layouts), on every
+    instruction of random programs of random configs (all opcodes, signed offsets, enum fields)."""
+    from hw.program import Program
+
+    seen = set()
+    for k in range(12):
+        cs = fuzz.config_seed(9, k)
+        cfg = fuzz.fuzz_config(cs)
+        for j in range(8):
+            try:
+                _, case = fuzz.make_case(cfg, cs, j)
+            except Exception:
+                continue
+            p = case.program
+            plain = Program(p.config, p.instrs, p.images, p.manifest)
+            assert fuzz.fast_words(p) == plain.words() == p.words()
+            seen |= {i.op for i in p.instrs}
+    assert seen >= {Opcode.PRELOAD, Opcode.MATMUL, Opcode.POST, Opcode.POOL, Opcode.HALT}
