@@ -31,7 +31,8 @@ from .builder import ProgramBuilder
 from .kernels import KernelError, Requant
 from .quantize import POT_METHODS, QGraph
 
-__all__ = ["lower", "LowerError", "PotLayerError", "live_layers", "weight_memory"]
+__all__ = ["lower", "LowerError", "PotLayerError", "AccumulatorOverflowError", "accumulator_bound",
+           "live_layers", "weight_memory"]
 
 
 class LowerError(CompileError):
@@ -44,6 +45,65 @@ class PotLayerError(LowerError):
     def __init__(self, layer: str, message: str):
         super().__init__(f"layer {layer}: {message}")
         self.layer = layer
+
+
+class AccumulatorOverflowError(LowerError):
+    """A conv/linear layer's worst-case accumulator sum does not fit the config's ``acc_width``.
+
+    Attributes: ``layer``, ``channel`` (the first output channel that can overflow), ``bound``
+    (its worst-case ``(min, max)`` sum), ``terms`` (reduction length), ``acc_width``.
+    """
+
+    def __init__(self, layer: str, channel: int, bound: tuple[int, int], terms: int, cfg, msg: str):
+        super().__init__(f"layer {layer}: {msg}")
+        self.layer, self.channel, self.bound, self.terms, self.acc_width = layer, channel, bound, terms, cfg.acc_width
+
+
+def accumulator_bound(cfg, w_q, x_signed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per output channel, the smallest and largest sum ``sum_k w[k] * x[k]`` a MATMUL chain can
+    leave in an accumulator for any input (``x`` over the full ``a_bits`` range of its signedness,
+    zero padding included since 0 is in range): positive weights times the largest activation plus
+    negative weights times the smallest, and the other way round. The bias is not part of it: POST
+    adds it at ``acc_width + 1`` bits, after the accumulator (see ``hw/ppu.py``).
+    """
+    w = np.asarray(w_q, np.int64).reshape(len(w_q), -1)
+    lo, hi = (-(1 << (cfg.a_bits - 1)), (1 << (cfg.a_bits - 1)) - 1) if x_signed else (0, (1 << cfg.a_bits) - 1)
+    pos = np.where(w > 0, w, 0).sum(axis=1)
+    neg = np.where(w < 0, -w, 0).sum(axis=1)
+    return -(pos * -lo + neg * hi), pos * hi + neg * -lo
+
+
+def _check_accumulator(cfg, name: str, w_q, x_signed: bool) -> dict:
+    """Refuse a layer whose accumulators could wrap (:class:`AccumulatorOverflowError`); else
+    return the manifest's ``accumulator`` entry (terms, worst-case sums, bits needed).
+
+    The accumulators wrap modulo ``2**acc_width`` (golden model and RTL alike), so a sum outside
+    the signed range would silently be wrong. With the derived ``acc_width`` (``product_bits +
+    clog2(wmem_depth)``) no compiled layer can overflow, because each output channel's reduction
+    reads every weight row once and has at most ``wmem_depth`` terms; a narrower ``acc_bits``
+    override is checked here against the layer's real integer weights.
+    """
+    smin, smax = accumulator_bound(cfg, w_q, x_signed)
+    terms = int(np.prod(np.shape(w_q)[1:]))
+    amin, amax = -(1 << (cfg.acc_width - 1)), (1 << (cfg.acc_width - 1)) - 1
+    bad = np.nonzero((smin < amin) | (smax > amax))[0]
+    lo, hi = int(smin.min(initial=0)), int(smax.max(initial=0))
+    need = max((-lo - 1).bit_length(), hi.bit_length()) + 1  # signed bits holding lo..hi
+    if len(bad):
+        c = int(bad[0])
+        a_max = (1 << (cfg.a_bits - 1)) if x_signed else (1 << cfg.a_bits) - 1
+        sum_w = int(np.abs(np.asarray(w_q, np.int64).reshape(len(w_q), -1)[c]).sum())
+        depth_bits = max(1, (cfg.wmem_depth - 1).bit_length())  # clog2, as hw.config derives acc_width
+        raise AccumulatorOverflowError(
+            name, c, (int(smin[c]), int(smax[c])), terms, cfg,
+            f"accumulator overflow: output channel {c} can reach a sum of {int(smin[c])}..{int(smax[c])} "
+            f"(worst-case |sum| {max(-int(smin[c]), int(smax[c]))} = sum |w| {sum_w} over {terms} terms x "
+            f"|activation| <= {a_max}), outside the {cfg.acc_width}-bit accumulator range {amin}..{amax}; "
+            f"this layer needs acc_bits >= {need} ({len(bad)} of {len(smin)} channels overflow; the "
+            f"config-level bound for {cfg.wmem_depth}-term reductions of {cfg.product_bits}-bit products "
+            f"is |sum| < 2**{cfg.product_bits - 1 + depth_bits}, i.e. acc_bits {cfg.product_bits + depth_bits}, "
+            f"the derived default)")
+    return {"terms": terms, "sum_min": lo, "sum_max": hi, "bits_needed": need}
 
 
 def _check_pe_kind(cfg, name: str, pot: bool) -> None:
@@ -171,6 +231,7 @@ def _lower(qg: QGraph, layers, reuse_spad: bool, quant, first) -> Program:
             pot = bool(getattr(ql, "pot", False))
             if l.kind == "conv":
                 _check_pe_kind(cfg, l.name, pot)
+                info["accumulator"] = _check_accumulator(cfg, l.name, ql.w_q, tensors[l.inputs[0]].signed)
             if l.kind == "input" and first is not None:
                 cin, kh, kw = first.weight.shape[1:]
                 _, oh, ow = first.shape
