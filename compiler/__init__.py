@@ -18,8 +18,9 @@ def compile(model, calibration, config, *, method: str = "percentile", w_bits: i
     where the raw output accumulators are.
 
     A model already quantized with PyTorch's FX flow (``convert_fx``) is imported with its own
-    scales and zero points (:mod:`compiler.fx_import`); ``calibration`` then only gives the input
-    shape, and the quantization options must be left at their defaults.
+    scales and zero points (:mod:`compiler.fx_import`), and so is a PT2E graph from torchao's
+    ``convert_pt2e`` (:mod:`compiler.pt2e`, e.g. with ``QuarryQuantizer``); ``calibration`` then
+    only gives the input shape, and the quantization options must be left at their defaults.
 
     Power-of-two weights (``weight_method`` ``inq``, ``doubleq``, ``doubleqext``) take the
     :class:`~compiler.quantize.QuantOptions` fields ``pot_bits``, ``pot_granularity``,
@@ -33,6 +34,17 @@ def compile(model, calibration, config, *, method: str = "percentile", w_bits: i
     from .quantize import QuantOptions, quantize
 
     calibration = check_calibration(calibration)
+    if _is_pt2e_quantized(model):  # torchao convert_pt2e output (compiler.pt2e): its own numbers
+        given = [name for name, v, default in (("method", method, "percentile"), ("w_bits", w_bits, None),
+                                               ("a_bits", a_bits, None), ("bias_correction", bias_correction, False),
+                                               ("weight_method", weight_method, "minmax"),
+                                               ("inq_retrain", inq_retrain, None)) if v != default]
+        if given or pot_options:
+            raise CompileError(f"the model is already quantized by PT2E: {', '.join(given + sorted(pot_options))} "
+                               "do not apply")
+        from .pt2e import compile_pt2e
+
+        return compile_pt2e(model, tuple(calibration.shape[1:]), config)
     if is_fx_quantized(model):
         given = [name for name, v, default in (("method", method, "percentile"), ("w_bits", w_bits, None),
                                                ("a_bits", a_bits, None), ("bias_correction", bias_correction, False),
@@ -60,6 +72,16 @@ def compile(model, calibration, config, *, method: str = "percentile", w_bits: i
     if record is not None:  # the manifest's quant.pot_selection says how the weights were trained
         qg.pot_info = dict(qg.pot_info or {}, inq_retrain=record)
     return lower(qg)
+
+
+def _is_pt2e_quantized(model) -> bool:
+    """A ``GraphModule`` from torchao's ``convert_pt2e`` (quantized_decomposed Q/DQ nodes); checked
+    here so that compiling any other model does not import torchao."""
+    import torch.fx as fx
+
+    return isinstance(model, fx.GraphModule) and any(
+        n.op == "call_function" and getattr(n.target, "namespace", None) == "quantized_decomposed"
+        for n in model.graph.nodes)
 
 
 #: Keywords of :func:`compile` that go to ``QuantOptions`` (power-of-two weights).

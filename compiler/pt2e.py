@@ -71,6 +71,7 @@ from hw.config import AccelConfig
 from hw.program import Program
 
 from . import CompileError
+from . import _is_pt2e_quantized as is_pt2e_quantized
 from .frontend import CaptureError, Graph, Layer, UnsupportedOpError
 from .quantize import QGraph, QLayer, QuantError, QuantOptions, mult_shift, qrange
 
@@ -80,7 +81,7 @@ from torchao.quantization.pt2e.quantizer import (  # noqa: E402
 from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY  # noqa: E402
 
 __all__ = ["QuarryQuantizer", "PT2EError", "import_pt2e", "compile_pt2e", "is_pt2e_quantized",
-           "SUPPORTED_PT2E_OPS", "export_for_quarry"]
+           "SUPPORTED_PT2E_OPS", "export_for_quarry", "write_model_dir"]
 
 aten = torch.ops.aten
 _qd = torch.ops.quantized_decomposed
@@ -302,7 +303,7 @@ class QuarryQuantizer(Quantizer):
 
 def export_for_quarry(model: torch.nn.Module, example: torch.Tensor) -> fx.GraphModule:
     """``torch.export`` with a dynamic batch dimension (the first step of the PT2E flow)."""
-    ep = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
+    ep = torch.export.export(model.eval(), (example.contiguous(),), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
     return ep.module()
 
 
@@ -376,14 +377,6 @@ class _PoolF:
     stride: tuple
     padding: tuple
     node: fx.Node
-
-
-def is_pt2e_quantized(model) -> bool:
-    """True for a ``GraphModule`` from ``convert_pt2e`` (quantized_decomposed Q/DQ nodes)."""
-    if not isinstance(model, fx.GraphModule):
-        return False
-    return any(n.op == "call_function" and getattr(n.target, "namespace", None) == "quantized_decomposed"
-               for n in model.graph.nodes)
 
 
 def _op(n: fx.Node) -> str:
@@ -510,7 +503,8 @@ def import_pt2e(gm: fx.GraphModule, input_shape: tuple, cfg: AccelConfig) -> QGr
 
     for n in gm.graph.nodes:
         if n.op == "get_attr":
-            vals[n.name] = _fetch(gm, n.target)
+            v = _fetch(gm, n.target)
+            vals[n.name] = v.detach() if isinstance(v, torch.Tensor) else v
             continue
         if n.op == "placeholder":
             n_inputs += 1
@@ -856,3 +850,23 @@ def compile_pt2e(gm: fx.GraphModule, input_shape: tuple, cfg: AccelConfig, *, re
 
     qg = import_pt2e(gm, input_shape, cfg)
     return lower(qg, reuse_spad=reuse_spad, quant=_manifest(qg))
+
+
+def write_model_dir(prog: Program, out, *, data: str | None = None, model: str = "pt2e") -> None:
+    """Write ``prog`` as ``python -m compiler --out DIR`` does (program.qprog, manifest.json, hex/bin
+    images, report.json), so ``python -m hw.build --rom DIR`` and ``python -m sim run DIR`` take it.
+    ``data`` names the data set (``mnist``, ``fashion``) ``sim run`` evaluates on by default."""
+    from pathlib import Path
+
+    from .__main__ import write_outputs
+
+    cfg = prog.config
+    man = prog.manifest
+    report = {"model": model, "data": data, "config": cfg.to_dict(), "config_hash": cfg.hash, "method": "pt2e",
+              "quant": man.get("quant"), "instructions": len(prog.instrs),
+              "wmem_rows": len(prog.images.get("wmem", [])), "macs": man["macs"],
+              "predicted_cycles": man["predicted_cycles"],
+              "predicted_utilisation": man["macs"] / (man["predicted_cycles"] * cfg.rows * cfg.cols),
+              "weight_memory": man["weight_memory"],
+              "weights_per_layer": {i["name"]: i["weights"] for i in man["layers"] if "weights" in i}}
+    write_outputs(prog, Path(out), report)
