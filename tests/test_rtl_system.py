@@ -81,7 +81,7 @@ def test_fuzz_random_configs(request, tmp_path):
 
     n = request.config.getoption("--fuzz-n") or 24
     seed = request.config.getoption("--fuzz-seed")
-    st = fuzz.run(n, seed, per_config=12 if n == 24 else 400, batch=50, state_path=tmp_path / "state.json")
+    st = fuzz.run(n, seed, per_config=12 if n == 24 else 1000, batch=50, state_path=tmp_path / "state.json")
     s = fuzz.summarize(st, n)
     print(f"fuzz seed {seed}: {s['programs']} programs on {s['configs']} configs {s['pe_kinds']}, "
           f"{s['mismatching_programs']} mismatching")
