@@ -543,8 +543,7 @@ def import_pt2e(gm: fx.GraphModule, input_shape: tuple, cfg: AccelConfig) -> QGr
         if t in _META:
             vals[n.name] = "meta"
             continue
-        ins = [a for a in n.all_input_nodes if vals.get(a.name) not in ("meta",)]
-        if any(a.name in vals and vals[a.name] is None for a in ins):
+        if any(a.name in vals and vals[a.name] is None for a in n.all_input_nodes):
             vals[n.name] = None  # downstream of a reported node
             continue
         if shape_error is not None and n.name not in shapes:
