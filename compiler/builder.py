@@ -159,19 +159,20 @@ class ProgramBuilder:
 
     def conv2d(self, x: SpadTensor, w, rq: Requant, *, stride=(1, 1), padding=(0, 0), groups: int = 1,
                residual: SpadTensor | None = None, out_signed: bool = False, name: str = "conv",
-               pot: bool = False) -> SpadTensor:
+               pot: bool = False, block_scale=None) -> SpadTensor:
         w = np.asarray(w)
         kh, kw = w.shape[2:]
         oh = (x.h + 2 * padding[0] - kh) // stride[0] + 1
         ow = (x.w + 2 * padding[1] - kw) // stride[1] + 1
         y = self.tensor(w.shape[0], oh, ow, out_signed, name)
         k = conv2d(self.cfg, x, y, w, rq, stride=stride, padding=padding, groups=groups,
-                   w_base=self._w_rows, param_base=self._p_rows, residual=residual, pot=pot)
+                   w_base=self._w_rows, param_base=self._p_rows, residual=residual, pot=pot,
+                   block_scale=block_scale)
         self.add(k, name)
         return y
 
     def conv2d_to_acc(self, x: SpadTensor, w, *, stride=(1, 1), padding=(0, 0), groups: int = 1,
-                      acc_base: int = 0, name: str = "conv", pot: bool = False) -> dict:
+                      acc_base: int = 0, name: str = "conv", pot: bool = False, block_scale=None) -> dict:
         """A conv whose raw accumulators stay in acc (block ``j`` at ``acc_base + j*oh*ow``)."""
         w = np.asarray(w)
         kh, kw = w.shape[2:]
@@ -179,8 +180,10 @@ class ProgramBuilder:
         ow = (x.w + 2 * padding[1] - kw) // stride[1] + 1
         zero = Requant(bias=0, mult=0, shift=0, zp=0, lo=0, hi=0)
         k = conv2d(self.cfg, x, SpadTensor(0, w.shape[0], oh, ow), w, zero, stride=stride, padding=padding,
-                   groups=groups, w_base=self._w_rows, acc_base=acc_base, acc_out=True, pot=pot)
-        k.params = None
+                   groups=groups, w_base=self._w_rows, param_base=self._p_rows, acc_base=acc_base,
+                   acc_out=True, pot=pot, block_scale=block_scale)
+        if not self.cfg.block_scale:  # no POST: only block-scale rows would be read
+            k.params = None
         self.add(k, name)
         return {"acc_base": acc_base, "channels": int(w.shape[0]), "h": oh, "w": ow,
                 "blocks": -(-int(w.shape[0]) // self.cfg.cols)}

@@ -115,7 +115,7 @@ def _post_segments(cfg: AccelConfig, j: int, cout: int):
 def conv2d(cfg: AccelConfig, x: SpadTensor, y: SpadTensor, w: np.ndarray, rq: Requant, *,
            stride=(1, 1), padding=(0, 0), groups: int = 1, w_base: int = 0, param_base: int = 0,
            acc_base: int = 0, acc_rows: int | None = None, residual: SpadTensor | None = None,
-           acc_out: bool = False, pot: bool = False) -> Kernel:
+           acc_out: bool = False, pot: bool = False, block_scale=None) -> Kernel:
     """Convolution (and, with a 1x1 kernel on a 1xM image, a GEMM) into ``y``.
 
     ``w`` has shape (Cout, Cin/groups, kh, kw), signed integers of ``cfg.w_bits``. For each
@@ -129,6 +129,13 @@ def conv2d(cfg: AccelConfig, x: SpadTensor, y: SpadTensor, w: np.ndarray, rq: Re
     With ``pot`` the weights are power-of-two values (0 or +-2**e): wmem gets their codes
     (:func:`hw.isa.pot_encode`) and every MATMUL has ``pot = 1``. Tiles are chosen on the values,
     so an all-zero tile is skipped whatever zero's code is.
+
+    On a ``block_scale`` config every MATMUL names a param row (``scale_addr``) whose per-lane
+    ``mult``/``shift`` rescale its sums before they are accumulated. ``block_scale`` gives them
+    (DSConv): ``(mult, shift)``, each ``(Cout, ceil(Cin / rows), kh, kw)`` over the input's
+    channel blocks, so each weight tile (one tap, one channel block, one output block) gets its
+    own row after the requantization rows. Without it, every MATMUL uses one identity row
+    (mult 1, shift 0).
     """
     R, C = cfg.rows, cfg.cols
     w = np.asarray(w, np.int64)
@@ -156,6 +163,27 @@ def conv2d(cfg: AccelConfig, x: SpadTensor, y: SpadTensor, w: np.ndarray, rq: Re
     if acc_out and n_blocks * oh * ow > acc_rows:
         raise KernelError(memory_message(cfg, "acc", n_blocks * oh * ow, acc_rows, " for the raw output"))
     k = Kernel(params=_param_rows(cfg, rq, cout))
+    n_cb = x.blocks(cfg)
+    if block_scale is not None and not cfg.block_scale:
+        raise KernelError("block scales (DSConv) need an accelerator with block_scale enabled")
+    if block_scale is not None:
+        bs_mult, bs_shift = (np.asarray(v, np.int64) for v in block_scale)
+        if bs_mult.shape != (cout, n_cb, kh, kw) or bs_shift.shape != bs_mult.shape:
+            raise KernelError(f"block scales must have shape {(cout, n_cb, kh, kw)}, not {bs_mult.shape}")
+    scale_rows = []  # (mult, shift) rows of cols lanes, placed after the requantization rows
+
+    def scale_row(j, dy, dx, cb):
+        if block_scale is None:
+            if not scale_rows:
+                scale_rows.append((np.ones(C, np.int64), np.zeros(C, np.int64)))
+            return 0
+        mult, shift = np.zeros(C, np.int64), np.zeros(C, np.int64)
+        n = min(C, cout - j * C)
+        mult[:n], shift[:n] = bs_mult[j * C:j * C + n, cb, dy, dx], bs_shift[j * C:j * C + n, cb, dy, dx]
+        scale_rows.append((mult, shift))
+        return len(scale_rows) - 1
+
+    n_rq = len(k.params["bias"])
     wrows = []
     wcount = 0
     tile = 0
@@ -169,17 +197,18 @@ def conv2d(cfg: AccelConfig, x: SpadTensor, y: SpadTensor, w: np.ndarray, rq: Re
                         continue
                     rows = np.zeros((blk.shape[1], C), np.int64)
                     rows[:, :blk.shape[0]] = blk.T
-                    tiles.append((dy, dx, cb, wcount, rows))
+                    srow = scale_row(j, dy, dx, cb) if cfg.block_scale else 0
+                    tiles.append((dy, dx, cb, wcount, rows, srow))
                     wrows.append(rows)
                     wcount += len(rows)
         if not tiles:  # an all-zero block still needs its acc rows cleared
-            tiles.append((0, 0, 0, wcount, np.zeros((0, C), np.int64)))
+            tiles.append((0, 0, 0, wcount, np.zeros((0, C), np.int64), scale_row(j, 0, 0, 0) if cfg.block_scale else 0))
         for r0 in range(0, oh, rows_per_chunk):
             r1 = min(oh, r0 + rows_per_chunk)
             top = r0 * sh - ph  # input row of window tap 0 for output row r0
             skip = max(0, top)
             base = acc_base + j * oh * ow if acc_out else acc_base
-            for t, (dy, dx, cb, woff, rows) in enumerate(tiles):
+            for t, (dy, dx, cb, woff, rows, srow) in enumerate(tiles):
                 bank = tile % 2
                 tile += 1
                 k.instrs.append(isa.preload(bank=bank, w_addr=w_base + woff, n_rows=len(rows)))
@@ -187,7 +216,8 @@ def conv2d(cfg: AccelConfig, x: SpadTensor, y: SpadTensor, w: np.ndarray, rq: Re
                     bank=bank, accumulate=t > 0, a_signed=x.signed,
                     spad_base=x.block_base(cfg, cb) + skip * x.w, in_h=x.h - skip, in_w=x.w,
                     out_h=r1 - r0, out_w=ow, stride_h=sh, stride_w=sw,
-                    off_h=top - skip + dy, off_w=dx - pw, acc_base=base, pot=pot))
+                    off_h=top - skip + dy, off_w=dx - pw, acc_base=base, pot=pot,
+                    scale_addr=param_base + n_rq + srow if cfg.block_scale else 0))
             if acc_out:
                 continue
             for src, b, dst, n in _post_segments(cfg, j, cout):
@@ -198,6 +228,11 @@ def conv2d(cfg: AccelConfig, x: SpadTensor, y: SpadTensor, w: np.ndarray, rq: Re
                     res_base=None if residual is None else residual.block_base(cfg, b) + r0 * ow,
                     res_signed=bool(residual is not None and residual.signed)))
     k.wmem = np.concatenate(wrows) if wrows else np.zeros((0, C), np.int64)
+    if scale_rows:
+        zeros = np.zeros((len(scale_rows), C), np.int64)
+        extra = {"bias": zeros, "res_mult": zeros, "mult": np.stack([r[0] for r in scale_rows]),
+                 "shift": np.stack([r[1] for r in scale_rows])}
+        k.params = {f: np.concatenate([k.params[f], extra[f]]) for f in k.params}
     if pot:
         try:
             k.wmem = np.asarray(isa.pot_encode(k.wmem, cfg), np.int64).reshape(-1, C)

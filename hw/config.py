@@ -48,6 +48,10 @@ def _clog2(n: int) -> int:
     return max(1, math.ceil(math.log2(n))) if n > 1 else 1
 
 
+#: Fields added after the first release, with the default that means "as before".
+_LATER_FIELDS = {"block_scale": False}
+
+
 @dataclass(frozen=True)
 class AccelConfig:
     """Parameters of one generated accelerator.
@@ -82,6 +86,10 @@ class AccelConfig:
     pool_mult_bits: int = 16
     #: Width of tensor height/width fields in instructions (max dimension 2**dim_bits - 1).
     dim_bits: int = 10
+    #: Block rescaling in the accumulator path (DSConv): every MATMUL's sums are multiplied by
+    #: the per-lane ``mult`` and rounding-shifted by ``shift`` of param row ``scale_addr`` before
+    #: they are accumulated (2 more pipeline stages, ``cols`` multipliers).
+    block_scale: bool = False
 
     def __post_init__(self):
         def check_int(name, lo, hi):
@@ -93,6 +101,8 @@ class AccelConfig:
         check_int("cols", 1, _MAX_DIM)
         check_int("w_bits", _MIN_BITS, _MAX_BITS)
         check_int("a_bits", _MIN_BITS, _MAX_BITS)
+        if not isinstance(self.block_scale, bool):
+            raise ConfigError("block_scale", f"block_scale must be true or false, not {self.block_scale!r}")
         if self.pe_kind not in PE_KINDS:
             raise ConfigError("pe_kind", f"pe_kind must be one of {', '.join(PE_KINDS)}, not {self.pe_kind!r}")
         for name in ("spad_depth", "acc_depth", "wmem_depth", "imem_depth", "param_depth"):
@@ -226,7 +236,13 @@ class AccelConfig:
     # -- serialisation --------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every field, except fields added after 0.1 while they hold their default (which keeps
+        the behaviour, and so the :attr:`hash`, of configs written before them)."""
+        d = dataclasses.asdict(self)
+        for name, default in _LATER_FIELDS.items():
+            if d[name] == default:
+                del d[name]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -269,4 +285,4 @@ class AccelConfig:
     def describe(self) -> str:
         return (f"{self.rows}x{self.cols} {self.pe_kind} W{self.w_bits}A{self.a_bits} "
                 f"acc{self.acc_width} spad{self.spad_depth} accmem{self.acc_depth} "
-                f"wmem{self.wmem_depth} imem{self.imem_depth}")
+                f"wmem{self.wmem_depth} imem{self.imem_depth}" + (" blockscale" if self.block_scale else ""))

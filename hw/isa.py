@@ -126,6 +126,9 @@ FIELDS: dict[Opcode, tuple[Field, ...]] = {
         _f("acc_base", lambda c: c.acc_addr_bits, "acc row of output pixel (0, 0); rows are consecutive"),
         # Last, so programs written before PoT PEs existed decode unchanged (pot = 0).
         _f("pot", 1, "bank weights are PoT codes (pe_kind pot: must be 1; int: 0; hybrid: either)"),
+        _f("scale_addr", lambda c: c.param_addr_bits if c.block_scale else 0,
+           "block_scale configs only (else 0 bits): param row whose per-lane mult/shift rescale the "
+           "sums, round_shift(sum * mult, shift), before they are accumulated (DSConv block scales)"),
     ),
     Opcode.POST: (
         _f("acc_base", lambda c: c.acc_addr_bits, "first acc row"),
@@ -439,11 +442,12 @@ def preload(*, bank: int, w_addr: int, n_rows: int) -> Instr:
 
 def matmul(*, bank: int, spad_base: int, acc_base: int, in_h: int = 1, in_w: int, out_h: int = 1,
            out_w: int, stride_h: int = 1, stride_w: int = 1, off_h: int = 0, off_w: int = 0,
-           accumulate: bool = False, a_signed: bool = False, pot: bool = False) -> Instr:
+           accumulate: bool = False, a_signed: bool = False, pot: bool = False,
+           scale_addr: int = 0) -> Instr:
     return Instr(Opcode.MATMUL, dict(
         bank=bank, accumulate=int(accumulate), a_signed=int(a_signed), spad_base=spad_base,
         in_h=in_h, in_w=in_w, out_h=out_h, out_w=out_w, stride_h=stride_h, stride_w=stride_w,
-        off_h=off_h, off_w=off_w, acc_base=acc_base, pot=int(pot)))
+        off_h=off_h, off_w=off_w, acc_base=acc_base, pot=int(pot), scale_addr=scale_addr))
 
 
 def post(*, acc_base: int, spad_base: int, n: int, param_addr: int, n_lanes: int, lo: int, hi: int,

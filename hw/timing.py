@@ -4,8 +4,8 @@ The RTL (``hw.top``) sizes its drain counters from these functions, and :class:`
 uses them to predict cycles (the golden model reports them, the compiler writes per-layer
 predictions into the manifest); ``tests/test_rtl_system.py`` checks the prediction against the
 RTL's cycle counter. Cycle numbering: the cycle after ``start`` is 0; the first
-instruction can issue in cycle 1 (one cycle of instruction-memory read latency); at most one
-instruction issues per cycle.
+instruction can issue in cycle 2 (one cycle of instruction-memory read latency, one in the
+decode register); at most one instruction issues per cycle.
 """
 
 from __future__ import annotations
@@ -14,7 +14,10 @@ from . import isa
 from .config import AccelConfig
 from .isa import Opcode
 
-__all__ = ["preload_busy", "matmul_drain", "matmul_latency", "post_latency", "pool_latency", "CycleModel", "predict"]
+__all__ = ["FIRST_ISSUE", "preload_busy", "matmul_drain", "matmul_latency", "post_latency", "pool_latency", "CycleModel", "predict"]
+
+#: Cycle in which the first instruction can issue: imem read (1) + decode register (1).
+FIRST_ISSUE = 2
 
 
 def preload_busy(cfg: AccelConfig) -> int:
@@ -37,9 +40,10 @@ def matmul_latency(cfg: AccelConfig) -> int:
     """Cycles from a MATMUL's last vector address cycle until the array pipeline is empty.
 
     Spad read (1), mask register (1), array (rows + cols - 1, skew included), acc read (1),
-    acc write (1), plus the cycle in which an idle engine may issue.
+    acc write (1), plus the cycle in which an idle engine may issue; a ``block_scale`` config
+    adds the rescale multiply (1) and rounding shift (1).
     """
-    return cfg.rows + cfg.cols + 3
+    return cfg.rows + cfg.cols + 3 + (2 if cfg.block_scale else 0)
 
 
 def post_latency(cfg: AccelConfig) -> int:
@@ -65,7 +69,7 @@ class CycleModel:
 
     def __init__(self, cfg: AccelConfig):
         self.cfg = cfg
-        self.t = 1  # earliest issue cycle of the next instruction
+        self.t = FIRST_ISSUE  # earliest issue cycle of the next instruction
         self.loader_free = 0
         self.bank_ready = [0, 0]
         self.bank_free = [0, 0]

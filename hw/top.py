@@ -122,20 +122,42 @@ class QuarryTop(wiring.Component):
             with m.If(host_rd & (self.host_mem == mem_sel)):
                 m.d.comb += rp.addr.eq(self.host_addr)
 
-        # -- front end -----------------------------------------------------------------------------
-        pc = Signal(cfg.imem_addr_bits)
-        ivalid = Signal()
-        word = data.View(isa.instr_layout(cfg), imem_r.data)
+        # -- front end: fetch (imem read) -> decode register -> issue ------------------------------
+        # The issue logic sees only registers: the fetched word is latched into ``word`` together
+        # with the products its MATMUL/POOL needs (``d_pitch``, ``d_row0``), so no path runs from
+        # the instruction memory's output through a multiplier into an engine.
+        fpc = Signal(cfg.imem_addr_bits)  # address of the word imem presents
+        fvalid = Signal()  # imem's output holds word fpc
+        dvalid = Signal()  # ``word`` holds the next instruction to issue
+        word = Signal(isa.instr_layout(cfg))
+        fetched = data.View(isa.instr_layout(cfg), imem_r.data)
         op = word.op
         issue = Signal()  # the instruction in `word` issues this cycle
+        load = Signal()
+        m.d.comb += load.eq(busy & fvalid & (~dvalid | issue))
         with m.If(busy):
-            m.d.comb += imem_r.addr.eq(Mux(issue, pc + 1, pc))
-        with m.If(busy & issue):
-            m.d.sync += pc.eq(pc + 1)
-        with m.If(busy):
-            m.d.sync += [ivalid.eq(1), cycles.eq(cycles + 1)]
+            m.d.comb += imem_r.addr.eq(Mux(load, fpc + 1, fpc))
+            m.d.sync += [fvalid.eq(1), cycles.eq(cycles + 1)]
+        with m.If(load):
+            m.d.sync += [fpc.eq(fpc + 1), word.eq(fetched), dvalid.eq(1)]
+        with m.Elif(issue):
+            m.d.sync += dvalid.eq(0)
         with m.If(self.start & ~busy):
-            m.d.sync += [busy.eq(1), done.eq(0), pc.eq(0), ivalid.eq(0), cycles.eq(0)]
+            m.d.sync += [busy.eq(1), done.eq(0), fpc.eq(0), fvalid.eq(0), dvalid.eq(0), cycles.eq(0)]
+
+        # Window products, computed while the word is latched: ``d_pitch`` = stride_h * in_w,
+        # ``d_row0`` = base + off_h * in_w (+ off_w for POOL, whose engine walks addresses).
+        addr_bits = cfg.spad_addr_bits + cfg.dim_bits + isa.STRIDE_BITS + isa.OFFSET_BITS + 4
+        f_mm, f_pool = fetched.args.matmul, fetched.args.pool
+        f_is_pool = fetched.op == Opcode.POOL
+        f_in_w = Mux(f_is_pool, f_pool.in_w, f_mm.in_w)
+        f_off_h = Mux(f_is_pool, f_pool.off_h, f_mm.off_h)
+        f_stride_h = Mux(f_is_pool, f_pool.stride_h, f_mm.stride_h)
+        f_base = Mux(f_is_pool, f_pool.src_base + f_pool.off_w, f_mm.spad_base)
+        d_pitch = Signal(cfg.dim_bits + isa.STRIDE_BITS)
+        d_row0 = Signal(signed(addr_bits))
+        with m.If(load):
+            m.d.sync += [d_pitch.eq(f_stride_h * f_in_w), d_row0.eq(f_base + f_off_h * f_in_w)]
 
         a_pre = word.args.preload
         a_mm = word.args.matmul
@@ -158,8 +180,8 @@ class QuarryTop(wiring.Component):
             ("bank", 1), ("acc_mode", 1), ("a_signed", 1), ("pot", 1),
             ("in_h", cfg.dim_bits), ("in_w", cfg.dim_bits), ("out_h", cfg.dim_bits), ("out_w", cfg.dim_bits),
             ("stride_h", isa.STRIDE_BITS), ("stride_w", isa.STRIDE_BITS),
-            ("off_w", signed(isa.OFFSET_BITS)), ("pitch", cfg.dim_bits + isa.STRIDE_BITS))}
-        addr_bits = cfg.spad_addr_bits + cfg.dim_bits + isa.STRIDE_BITS + isa.OFFSET_BITS + 4
+            ("off_w", signed(isa.OFFSET_BITS)), ("pitch", cfg.dim_bits + isa.STRIDE_BITS),
+            ("scale", cfg.param_addr_bits if cfg.block_scale else 0))}
         mm_oh = Signal(cfg.dim_bits)
         mm_ow = Signal(cfg.dim_bits)
         mm_ih = Signal(signed(cfg.dim_bits + isa.STRIDE_BITS + isa.OFFSET_BITS + 2))
@@ -189,7 +211,7 @@ class QuarryTop(wiring.Component):
                 m.d.comb += can.eq((~mm_busy | mm_last) & ~(ld_busy & (ld_bank == a_mm.bank)) & ~misc_busy)
             with m.Default():
                 m.d.comb += can.eq(all_idle)
-        m.d.comb += issue.eq(busy & ivalid & can)
+        m.d.comb += issue.eq(busy & dvalid & can)
 
         with m.If(issue & (op == Opcode.HALT)):
             m.d.sync += [busy.eq(0), done.eq(1)]
@@ -214,12 +236,12 @@ class QuarryTop(wiring.Component):
             m.d.sync += [
                 mm_busy.eq(1),
                 mm["bank"].eq(a_mm.bank), mm["acc_mode"].eq(a_mm.accumulate), mm["a_signed"].eq(a_mm.a_signed),
-                mm["pot"].eq(a_mm.pot),
+                mm["pot"].eq(a_mm.pot), mm["scale"].eq(a_mm.scale_addr),
                 mm["in_h"].eq(a_mm.in_h), mm["in_w"].eq(a_mm.in_w), mm["out_h"].eq(a_mm.out_h),
                 mm["out_w"].eq(a_mm.out_w), mm["stride_h"].eq(a_mm.stride_h), mm["stride_w"].eq(a_mm.stride_w),
-                mm["off_w"].eq(a_mm.off_w), mm["pitch"].eq(a_mm.stride_h * a_mm.in_w),
+                mm["off_w"].eq(a_mm.off_w), mm["pitch"].eq(d_pitch),
                 mm_oh.eq(0), mm_ow.eq(0), mm_ih.eq(a_mm.off_h), mm_iw.eq(a_mm.off_w),
-                mm_row.eq(a_mm.spad_base + a_mm.off_h * a_mm.in_w), mm_acc.eq(a_mm.acc_base),
+                mm_row.eq(d_row0), mm_acc.eq(a_mm.acc_base),
             ]
         with m.Elif(mm_last):
             m.d.sync += mm_busy.eq(0)
@@ -248,9 +270,11 @@ class QuarryTop(wiring.Component):
             m.d.sync += pipe_cnt.eq(pipe_cnt - 1)
 
         # Stage B (spad data arrives): mask + extend, register into the array edge (stage C).
-        ctl_layout = data.StructLayout({"valid": 1, "acc": 1, "addr": cfg.acc_addr_bits})
+        ctl_layout = data.StructLayout({"valid": 1, "acc": 1, "addr": cfg.acc_addr_bits,
+                                        "scale": cfg.param_addr_bits if cfg.block_scale else 0})
         ctl_a = Signal(ctl_layout)
-        m.d.comb += [ctl_a.valid.eq(mm_valid), ctl_a.acc.eq(mm["acc_mode"]), ctl_a.addr.eq(mm_acc)]
+        m.d.comb += [ctl_a.valid.eq(mm_valid), ctl_a.acc.eq(mm["acc_mode"]), ctl_a.addr.eq(mm_acc),
+                     ctl_a.scale.eq(mm["scale"])]
         ctl_b = Signal(ctl_layout)
         inside_b = Signal()
         bank_b = Signal()
@@ -272,11 +296,37 @@ class QuarryTop(wiring.Component):
         for c in range(C):
             m.d.comb += arr.w_row[c].eq(Mux(ld_wr_zero, 0, wrow[c]))
 
-        # Array output (aligned) with its control; register once more while acc is read.
+        # Array output (aligned) with its control.
         ctl_d = delay(m, ctl_c, SystolicArray.latency(cfg), "ctl")
+        psum_d = arr.psum
+        if cfg.block_scale:
+            # Block rescale (DSConv): D reads the param row, S multiplies, T rounds and shifts
+            # (into E's register) while the accumulator row is read.
+            bs_read = ctl_d  # drives param_r.addr at the end (it takes precedence over POST's)
+            ctl_s = Signal(ctl_layout)
+            psum_s = Signal(data.ArrayLayout(signed(cfg.acc_width), C))
+            m.d.sync += [ctl_s.eq(ctl_d), psum_s.eq(psum_d)]
+            srow = data.View(isa.param_row_layout(cfg), param_r.data)
+            prod_bits = cfg.acc_width + cfg.mult_bits + 1
+            ctl_t = Signal(ctl_layout)
+            prod_t = [Signal(signed(prod_bits), name=f"bs_prod{c}") for c in range(C)]
+            shift_t = [Signal(range(prod_bits + 2), name=f"bs_shift{c}") for c in range(C)]
+            m.d.sync += ctl_t.eq(ctl_s)
+            ctl_d = ctl_t  # the accumulator is read in T; E adds the rounded sums
+            psum_d = Signal(data.ArrayLayout(signed(cfg.acc_width), C))
+            for c in range(C):
+                sh = srow[c].shift
+                # A shift past prod_bits + 1 rounds like prod_bits + 1 (to 0), as in RequantLane.
+                m.d.sync += [prod_t[c].eq(psum_s[c] * srow[c].mult),
+                             shift_t[c].eq(Mux(sh > prod_bits + 1, prod_bits + 1, sh))]
+                half = Mux(shift_t[c] == 0, 0, (Const(1, unsigned(prod_bits + 2)) << shift_t[c]) >> 1)
+                neg = (prod_t[c] < 0) & (shift_t[c] != 0)
+                m.d.comb += psum_d[c].eq((prod_t[c] + half - neg) >> shift_t[c])
+
+        # Register once more while acc is read.
         ctl_e = Signal(ctl_layout)
         psum_e = Signal(data.ArrayLayout(signed(cfg.acc_width), C))
-        m.d.sync += [ctl_e.eq(ctl_d), psum_e.eq(arr.psum)]
+        m.d.sync += [ctl_e.eq(ctl_d), psum_e.eq(psum_d)]
 
         # -- post engine ---------------------------------------------------------------------------------
         po = {n: Signal(shape, name=f"po_{n}") for n, shape in (
@@ -355,9 +405,19 @@ class QuarryTop(wiring.Component):
         pl_ih0 = Signal(signed(cfg.dim_bits + isa.STRIDE_BITS + isa.OFFSET_BITS + 2))  # window row 0
         pl_iw0 = Signal(signed(cfg.dim_bits + isa.STRIDE_BITS + isa.OFFSET_BITS + 2))
         pl_o = Signal(cfg.spad_addr_bits)  # output address
+        # Read address, walked incrementally (no multiplier in the address path): ``pl_ad`` is the
+        # element read now, ``pl_cb`` its window's origin, ``pl_rb`` the origin of the output row's
+        # first window; ``pl_dyinc`` steps from a window row's last element to the next row's first.
+        pl_ad = Signal(signed(addr_bits))
+        pl_cb = Signal(signed(addr_bits))
+        pl_rb = Signal(signed(addr_bits))
+        pl_pitch = Signal(cfg.dim_bits + isa.STRIDE_BITS)
+        pl_dyinc = Signal(signed(cfg.dim_bits + 2))
         with m.If(issue & (op == Opcode.POOL)):
             m.d.sync += [pl_busy.eq(1), pl_oh.eq(0), pl_ow.eq(0), pl_dy.eq(0), pl_dx.eq(0),
-                         pl_ih0.eq(a_pool.off_h), pl_iw0.eq(a_pool.off_w), pl_o.eq(a_pool.dst_base)]
+                         pl_ih0.eq(a_pool.off_h), pl_iw0.eq(a_pool.off_w), pl_o.eq(a_pool.dst_base),
+                         pl_ad.eq(d_row0), pl_cb.eq(d_row0), pl_rb.eq(d_row0), pl_pitch.eq(d_pitch),
+                         pl_dyinc.eq(a_pool.in_w - a_pool.k_w + 1)]
             for n, src in (("avg", a_pool.mode == PoolMode.AVG), ("a_signed", a_pool.a_signed),
                            ("in_h", a_pool.in_h), ("in_w", a_pool.in_w), ("out_h", a_pool.out_h),
                            ("out_w", a_pool.out_w), ("k_h", a_pool.k_h), ("k_w", a_pool.k_w),
@@ -371,22 +431,24 @@ class QuarryTop(wiring.Component):
         pl_lastwin = (pl_dy == pl["k_h"] - 1) & (pl_dx == pl["k_w"] - 1)
         pl_lastpix = (pl_oh == pl["out_h"] - 1) & (pl_ow == pl["out_w"] - 1)
         with m.If(pl_busy):
-            m.d.comb += spad_r.addr.eq(pl["src"] + pl_ih * pl["in_w"] + pl_iw)
+            m.d.comb += spad_r.addr.eq(pl_ad)
             with m.If(pl_dx == pl["k_w"] - 1):
                 m.d.sync += pl_dx.eq(0)
                 with m.If(pl_dy == pl["k_h"] - 1):
                     m.d.sync += pl_dy.eq(0)
                     with m.If(pl_ow == pl["out_w"] - 1):
                         m.d.sync += [pl_ow.eq(0), pl_iw0.eq(pl["off_w"]), pl_oh.eq(pl_oh + 1),
-                                     pl_ih0.eq(pl_ih0 + pl["stride_h"])]
+                                     pl_ih0.eq(pl_ih0 + pl["stride_h"]), pl_rb.eq(pl_rb + pl_pitch),
+                                     pl_cb.eq(pl_rb + pl_pitch), pl_ad.eq(pl_rb + pl_pitch)]
                         with m.If(pl_lastpix):
                             m.d.sync += [pl_busy.eq(0), pl_tail.eq(4)]
                     with m.Else():
-                        m.d.sync += [pl_ow.eq(pl_ow + 1), pl_iw0.eq(pl_iw0 + pl["stride_w"])]
+                        m.d.sync += [pl_ow.eq(pl_ow + 1), pl_iw0.eq(pl_iw0 + pl["stride_w"]),
+                                     pl_cb.eq(pl_cb + pl["stride_w"]), pl_ad.eq(pl_cb + pl["stride_w"])]
                 with m.Else():
-                    m.d.sync += pl_dy.eq(pl_dy + 1)
+                    m.d.sync += [pl_dy.eq(pl_dy + 1), pl_ad.eq(pl_ad + pl_dyinc)]
             with m.Else():
-                m.d.sync += pl_dx.eq(pl_dx + 1)
+                m.d.sync += [pl_dx.eq(pl_dx + 1), pl_ad.eq(pl_ad + 1)]
         with m.Elif(pl_tail != 0):
             m.d.sync += pl_tail.eq(pl_tail - 1)
         # Stage 1: data arrives; fold into max/sum.
@@ -459,5 +521,9 @@ class QuarryTop(wiring.Component):
             m.d.comb += new[c].eq(Mux(ctl_e.acc, old[c], 0) + psum_e[c])
         with m.If(busy & ctl_e.valid):
             m.d.comb += [acc_w.addr.eq(ctl_e.addr), acc_w.data.eq(new), acc_w.en.eq(1)]
+
+        if cfg.block_scale:
+            with m.If(busy & bs_read.valid):
+                m.d.comb += param_r.addr.eq(bs_read.scale)
 
         return m

@@ -14,6 +14,11 @@ i.e. ``x / 2**s`` rounded to nearest, halves away from zero (gemmlowp's ``Roundi
 tie rule, applied once to the full product instead of after a high-multiply). It costs one adder
 with a sign-dependent constant in hardware and is more accurate than gemmlowp's double rounding.
 
+Block rescaling (MATMUL on a ``block_scale`` config, DSConv), per lane, before the sums are
+accumulated (wrapping at ``acc_width`` like every accumulation)::
+
+    sum' = round_shift(sum * mult, shift)        # mult, shift: param row scale_addr
+
 Requantization of one output channel (POST)::
 
     y = clamp(zp + round_shift((acc + bias) * mult + residual * res_mult, shift), lo, hi)
@@ -200,6 +205,10 @@ class Machine:
             except isa.PotError as e:
                 raise isa.PotError(f"bank {a['bank']}: {e}") from None
         psum = x @ w
+        if cfg.block_scale:  # DSConv block rescale, per lane, before accumulating
+            self._check("param", a["scale_addr"], a["scale_addr"] + 1, cfg.param_depth)
+            psum = wrap(psum, cfg.acc_width)  # the array's column sums are acc_width wide
+            psum = round_shift(psum * self.param["mult"][a["scale_addr"]], self.param["shift"][a["scale_addr"]])
         rows = slice(a["acc_base"], a["acc_base"] + m)
         old = self.acc[rows] if a["accumulate"] else 0
         self.acc[rows] = wrap(old + psum, cfg.acc_width)

@@ -35,7 +35,7 @@ from hw.program import Program, ProgramError, pack_rows
 __all__ = [
     "Case", "CaseError", "ConvSpec", "PoolSpec", "Builder", "MAX_INSTRS",
     "act_range", "w_range", "WEIGHT_MODES", "weight_values", "pick_weight_mode", "use_pot",
-    "rand_acts", "rand_weights", "random_requant",
+    "rand_acts", "rand_weights", "random_requant", "random_block_scale",
     "tensor_rows", "zero_rows", "place", "read", "apply_writes", "read_outputs", "assemble",
     "random_conv_spec", "random_gemm_spec", "random_pool_spec",
     "random_conv_case", "random_gemm_case", "random_pool_case", "random_residual_case",
@@ -130,6 +130,18 @@ def use_pot(cfg: AccelConfig, kernel: Kernel, w_base: int, choose) -> None:
             bank_tile[ins.bank] = tile
         elif ins.op is Opcode.MATMUL and modes[bank_tile[ins.bank]]:
             kernel.instrs[i] = isa.Instr(Opcode.MATMUL, dict(ins.args, pot=1))
+
+
+def random_block_scale(rng: np.random.Generator, cfg: AccelConfig, shape) -> tuple[np.ndarray, np.ndarray]:
+    """Random DSConv block scales ``(mult, shift)`` of ``shape``: mostly gains up to 2 (as the
+    compiler emits, where mult <= 2**shift), sometimes any mult and shift (wrapping sums)."""
+    max_shift = (1 << cfg.shift_bits) - 1
+    shift = rng.integers(0, min(cfg.mult_bits, max_shift) + 1, shape)
+    mult = rng.integers(0, 1 << np.minimum(shift + 1, cfg.mult_bits))
+    wild = rng.random(shape) < 0.05
+    mult = np.where(wild, rng.integers(0, 1 << cfg.mult_bits, shape), mult)
+    shift = np.where(wild, rng.integers(0, max_shift + 1, shape), shift)
+    return mult.astype(np.int64), shift.astype(np.int64)
 
 
 def random_requant(rng: np.random.Generator, cfg: AccelConfig, cout: int, terms: int, *,
@@ -405,7 +417,9 @@ def _make_conv(rng, cfg, scale, *, residual, gemm, depthwise):
     rq = random_requant(rng, cfg, cout, (cin // groups) * kh * kw, out_signed=y_signed, residual=residual,
                         w_mag_bits=w_mag_bits)
     pot = {"int": False, "pot": True, "mixed": lambda _addr: bool(rng.integers(0, 2))}[mode]
-    b.conv2d(x, y, w, rq, stride=(sh, sw), padding=(ph, pw), groups=groups, residual=res, pot=pot)
+    bs = random_block_scale(rng, cfg, (cout, x.blocks(cfg), kh, kw)) if cfg.block_scale else None
+    b.conv2d(x, y, w, rq, stride=(sh, sw), padding=(ph, pw), groups=groups, residual=res, pot=pot,
+             block_scale=bs)
     kind = "gemm" if gemm else ("residual" if residual else "conv")
     manifest = {"case": kind, "x": [cin, H, W], "y": [cout, oh, ow], "kernel": [kh, kw],
                 "stride": [sh, sw], "padding": [ph, pw], "groups": groups, "weights": mode}
