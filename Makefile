@@ -31,9 +31,10 @@ test: setup
 fuzz: setup
 	$(PY) -m sim.fuzz --n $(N) --seed $(SEED) $(if $(FRESH),--fresh,) $(if $(BUDGET),--budget $(BUDGET),)
 
-## make formal: the formal proofs (SymbiYosys + boolector from pip); seconds each
+## make formal: the formal proofs (SymbiYosys + boolector from pip), including the controller BMCs
+## (minutes; `make test` runs only the fast ones)
 formal: setup
-	$(PY) -m pytest -q tests/test_formal.py
+	$(PY) -m pytest -q -n 0 -s tests/test_formal.py --slow-formal
 
 ## make bench: every benchmark (tens of minutes; QUICK=1 for the smoke-test version)
 bench: setup

@@ -88,11 +88,13 @@ def hold(m: Module, sig) -> Signal:
 
 
 def check(name: str, top, ports, *, mode: str = "prove", depth: int = 8, engine: str = "smtbmc boolector",
-          timeout: int | None = None) -> FormalResult:
+          timeout: int | None = None, script: str = "") -> FormalResult:
     """Run one SymbiYosys job on ``top`` (an Elaboratable whose ``ports`` are its free inputs and
     observed outputs). ``mode`` is ``prove`` (k-induction: holds for every trace) or ``bmc``
     (holds for every trace of ``depth`` cycles from reset). The ``sync`` domain's reset stays
-    low: registers start at their ``init`` values, as in the generated Verilog."""
+    low: registers start at their ``init`` values, as in the generated Verilog. ``script`` is
+    extra Yosys commands after ``prep`` (e.g. ``memory_map; opt`` to turn small memories into
+    registers, which the solver handles better than arrays in a two-copy miter)."""
     import time
 
     missing = available()
@@ -110,7 +112,7 @@ def check(name: str, top, ports, *, mode: str = "prove", depth: int = 8, engine:
     (job / "design.il").write_text(rtlil.convert(wrap, name="top", ports=ports, emit_src=False))
     sby = (f"[options]\nmode {mode}\ndepth {depth}\nmulticlock off\n\n"
            f"[engines]\n{engine}\n\n"
-           "[script]\nread_rtlil design.il\nprep -top top\n\n"
+           f"[script]\nread_rtlil design.il\nprep -top top\n{script}\n\n"
            "[files]\ndesign.il\n")
     (job / f"{name}.sby").write_text(sby)
     env = dict(os.environ, PATH=f"{_bin_dir()}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}"

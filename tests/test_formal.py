@@ -6,9 +6,24 @@ The specifications here are written independently of the RTL and of ``sim/golden
 rounding by sign and magnitude instead of the hardware's bias-and-shift), and the golden model's
 functions are checked against the same definitions in ``tests/test_requant.py``.
 
-Each proof is k-induction (``mode prove``): it holds for every input sequence, from any state
-reachable after reset. Widths are small so each proof takes seconds; the structure of the RTL is
-the same at every width (the widths are parameters of the same Python code).
+The arithmetic proofs are k-induction (``mode prove``) or bounded from reset where noted. Widths
+are small so each proof takes seconds; the structure of the RTL is the same at every width (the
+widths are parameters of the same Python code).
+
+Controller safety (bounded model checking of the whole ``QuarryTop`` at a tiny config, memories'
+ports observed from a wrapper that elaborates the top itself; ``hw/top.py`` is untouched):
+
+* :class:`AddressSafety` -- every memory write stays inside its memory (depths that are not powers
+  of two, so it could leave them) for any program of well-formed instructions (:func:`well_formed`:
+  the golden model's run-time rules) the host writes, any data, any start time;
+* :class:`HostIsolation` -- while busy, host-port traffic (any memory, address, data, read or
+  write) changes nothing the design does: a two-copy miter.
+
+Both run under ``make formal`` (``--slow-formal``: minutes); their negative twins (the proof fails
+without the well-formedness assumption / when host inputs also differ while idle) run in
+``make test``. Read addresses are not checked: engines drive some read addresses whose data they
+discard (e.g. POST's residual read when ``res_en = 0``), so a read check needs a per-port "data
+used" signal from ``hw/top.py``.
 """
 
 from __future__ import annotations
@@ -138,8 +153,9 @@ class PeProof(Elaboratable):
         return [d.a_in, d.bank_in, d.psum_in, d.w_data, d.w_we, d.w_bank, d.a_out, d.bank_out, d.psum_out, *extra]
 
 
-def _prove(name, proof, depth, mode="prove"):
-    res = formal.check(name, proof, proof.ports(), mode=mode, depth=depth, timeout=600)
+def _prove(name, proof, depth, mode="prove", script="", timeout=600):
+    res = formal.check(name, proof, proof.ports(), mode=mode, depth=depth, timeout=timeout, script=script)
+    print(f"formal {name}: {mode} depth {depth}: {res.status} in {res.seconds:.1f} s")
     assert res.passed, f"{name}: {res.status}\n{res.summary()}\n(job in {res.workdir})"
     return res
 
@@ -182,4 +198,190 @@ def test_wrong_pot_spec_is_caught():
     cfg = AccelConfig(rows=1, cols=1, w_bits=4, a_bits=4, pe_kind="pot")
     proof = PeProof(cfg, exp_offset=0)
     res = formal.check("pe_pot_wrong_exp", proof, proof.ports(), mode="bmc", depth=6, timeout=600)
+    assert res.status == "FAIL", res.summary()
+
+
+# -- controller safety (bounded model checking of the whole QuarryTop) ---------------------------------
+
+#: Tiny config with depths that are not powers of two, so an address *can* leave a memory.
+CTRL_CFG = AccelConfig(rows=2, cols=2, w_bits=2, a_bits=2, spad_depth=6, acc_depth=5, wmem_depth=3,
+                       imem_depth=4, param_depth=3, mult_bits=8, shift_bits=4, pool_mult_bits=4, dim_bits=4)
+_MEMS = ("imem", "wmem", "spad", "acc", "param")
+
+
+def _top(cfg: AccelConfig):
+    """QuarryTop elaborated here, so the proof can see its memories' ports (``hw/top.py`` is not
+    touched): (component, its Module, {name: Memory})."""
+    from hw.top import QuarryTop
+
+    top = QuarryTop(cfg)
+    mod = top.elaborate(None)
+    top._MustUse__silence = True  # used through its Module
+    return top, mod, {n: getattr(mod.submodules, n) for n in _MEMS}
+
+
+def well_formed(m: Module, cfg: AccelConfig, word) -> Signal:
+    """1 when the instruction ``word`` satisfies the rules the golden model enforces at run time
+    (``sim/golden.py``: every row a PRELOAD/MATMUL/POST/POOL touches lies inside its memory, counts
+    are non-zero, POST lanes fit the array, the PoT mode exists); the field widths are the ISA's."""
+    from amaranth.lib import data
+
+    from hw import isa
+    from hw.isa import Opcode
+
+    w = data.View(isa.instr_layout(cfg), word[:isa.instr_bits(cfg)])
+    op = w.op.as_value()
+    ok = Signal(name="well_formed")
+    pre, mm, po, pl = w.args.preload, w.args.matmul, w.args.post, w.args.pool
+    rules = {
+        Opcode.NOP: Const(1), Opcode.HALT: Const(1), Opcode.SYNC: Const(1),
+        Opcode.PRELOAD: (pre.n_rows <= cfg.rows) & (pre.w_addr + pre.n_rows <= cfg.wmem_depth),
+        Opcode.MATMUL: ((mm.out_h != 0) & (mm.out_w != 0) & (mm.in_w != 0)
+                        & (mm.acc_base + mm.out_h * mm.out_w <= cfg.acc_depth)
+                        & (mm.spad_base + mm.in_h * mm.in_w <= cfg.spad_depth)
+                        & ((mm.pot == 0) if cfg.pe_kind == "int" else (mm.pot == 1) if cfg.pe_kind == "pot"
+                           else Const(1))),
+        Opcode.POST: ((po.n != 0) & (po.n_lanes != 0) & (po.src_lane + po.n_lanes <= cfg.cols)
+                      & (po.dst_lane + po.n_lanes <= cfg.rows) & (po.acc_base + po.n <= cfg.acc_depth)
+                      & (po.spad_base + po.n <= cfg.spad_depth) & (po.param_addr < cfg.param_depth)
+                      & (~po.res_en | (po.res_base + po.n <= cfg.spad_depth))),
+        Opcode.POOL: ((pl.out_h != 0) & (pl.out_w != 0) & (pl.k_h != 0) & (pl.k_w != 0) & (pl.in_w != 0)
+                      & (pl.dst_base + pl.out_h * pl.out_w <= cfg.spad_depth)
+                      & (pl.src_base + pl.in_h * pl.in_w <= cfg.spad_depth)),
+    }
+    m.d.comb += ok.eq(0)
+    with m.Switch(op):
+        for o, rule in rules.items():
+            with m.Case(o.value):
+                m.d.comb += ok.eq(rule)
+    return ok
+
+
+class AddressSafety(Elaboratable):
+    """Every write into imem/wmem/spad/acc/param stays inside the memory, for any program of
+    well-formed instructions the host writes, any data, any start time (BMC from reset).
+
+    The host is assumed to address inside the memory it writes (its own contract); every other
+    write comes from the engines. ``well_formed=False`` drops the instruction assumption (the proof
+    must then fail: it shows the assumption is what keeps the engines inside)."""
+
+    def __init__(self, cfg: AccelConfig, assume_well_formed: bool = True):
+        self.cfg = cfg
+        self.assume_well_formed = assume_well_formed
+        self.top, self.mod, self.mems = _top(cfg)
+
+    def elaborate(self, platform):
+        from hw.isa import HostMem
+
+        m = Module()
+        cfg, t = self.cfg, self.top
+        m.submodules.top = self.mod
+        depth = {HostMem.IMEM: cfg.imem_depth, HostMem.WMEM: cfg.wmem_depth, HostMem.SPAD: cfg.spad_depth,
+                 HostMem.ACC: cfg.acc_depth, HostMem.PARAM: cfg.param_depth}
+        hm = t.host_mem.as_value()
+        in_range = Const(0)
+        for mem, d in depth.items():
+            in_range = in_range | ((hm == mem.value) & (t.host_addr < d))
+        m.d.comb += Assume(~t.host_we | in_range)
+        if self.assume_well_formed:
+            ok = well_formed(m, cfg, t.host_wdata)
+            m.d.comb += Assume(~(t.host_we & ~t.busy & (hm == HostMem.IMEM.value)) | ok)
+        for name, mem in self.mems.items():
+            for i, wp in enumerate(mem.write_ports):
+                m.d.comb += Assert(~wp.en.any() | (wp.addr < mem.depth))
+        return m
+
+    def ports(self):
+        t = self.top
+        return [t.start, t.host_mem.as_value(), t.host_addr, t.host_wdata, t.host_we, t.host_re,
+                t.busy, t.done, t.cycles, t.host_rdata]
+
+
+#: Power-of-two depths: every address is inside its memory, so a memory's contents are defined at
+#: every address and two copies of the design can only differ through their inputs.
+ISO_CFG = AccelConfig(rows=2, cols=2, w_bits=2, a_bits=2, spad_depth=8, acc_depth=4, wmem_depth=4,
+                      imem_depth=4, param_depth=2, mult_bits=8, shift_bits=4, pool_mult_bits=4, dim_bits=4)
+
+
+class HostIsolation(Elaboratable):
+    """The host port cannot disturb a running program: two copies of QuarryTop get the same
+    ``start`` and the same host-port inputs while idle, but *independent* host-port inputs (writes
+    and reads to any memory, any address, any data) while busy; they must agree on busy, done and
+    the cycle counter and on every memory write (enable, address, data) at every cycle. Any program
+    (the host writes arbitrary imem words), BMC from reset. ``independent_while_idle=True`` is the
+    negative test: host inputs that also differ while idle must show up as different writes.
+    """
+
+    def __init__(self, cfg: AccelConfig, *, independent_while_idle: bool = False):
+        self.cfg = cfg
+        self.independent_while_idle = independent_while_idle
+        self.a, self.mod_a, self.mems_a = _top(cfg)
+        self.b, self.mod_b, self.mems_b = _top(cfg)
+        self.start = Signal(name="start")
+        self.host = [{"mem": Signal(3, name=f"{c}_host_mem"), "addr": Signal(len(self.a.host_addr), name=f"{c}_host_addr"),
+                      "wdata": Signal(len(self.a.host_wdata), name=f"{c}_host_wdata"),
+                      "we": Signal(name=f"{c}_host_we"), "re": Signal(name=f"{c}_host_re")} for c in "ab"]
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.a = self.mod_a
+        m.submodules.b = self.mod_b
+        for t, h in zip((self.a, self.b), self.host):
+            m.d.comb += [t.start.eq(self.start), t.host_mem.eq(h["mem"]), t.host_addr.eq(h["addr"]),
+                         t.host_wdata.eq(h["wdata"]), t.host_we.eq(h["we"]), t.host_re.eq(h["re"])]
+            m.d.comb += Assume(h["mem"] < 5)
+        ha, hb = self.host
+        same = Const(1)
+        for k in ha:
+            same = same & (ha[k] == hb[k])
+        if not self.independent_while_idle:
+            m.d.comb += Assume(self.a.busy | same)
+        m.d.comb += [Assert(self.a.busy == self.b.busy), Assert(self.a.done == self.b.done),
+                     Assert(self.a.cycles == self.b.cycles)]
+        for name in _MEMS:
+            for pa, pb in zip(self.mems_a[name].write_ports, self.mems_b[name].write_ports):
+                m.d.comb += Assert(pa.en == pb.en)
+                with m.If(pa.en.any()):
+                    m.d.comb += [Assert(pa.addr == pb.addr), Assert(pa.data == pb.data)]
+        return m
+
+    def ports(self):
+        return [self.start, *[s for h in self.host for s in h.values()]]
+
+
+#: BMC depths of the controller proofs (cycles from reset). Without the well-formedness assumption
+#: the first out-of-memory write is found at step 8: 16 cycles cover the host loading a program,
+#: start and its first instructions writing memories. The isolation miter is shallower (10: a
+#: program written, started, and 8 busy cycles of free host traffic); at 11+ boolector does not
+#: finish within 10 minutes (two copies of the datapath, multipliers included).
+ADDR_DEPTH = 16
+ISO_DEPTH = 10
+#: Memories as registers for the two-copy proof: boolector got stuck at step 9 with two sets of
+#: arrays (> 10 min), and passes depth 10 in ~15 s CPU with the memories mapped to flip-flops.
+MITER_SCRIPT = "memory_map; opt"
+
+
+@pytest.mark.slow_formal
+def test_controller_writes_stay_in_memories():
+    p = AddressSafety(CTRL_CFG)
+    _prove("ctrl_addr", p, depth=ADDR_DEPTH, mode="bmc")
+
+
+def test_controller_without_well_formed_instructions_is_caught():
+    """The assumption matters: with any imem word allowed, an engine writes outside a memory."""
+    p = AddressSafety(CTRL_CFG, assume_well_formed=False)
+    res = formal.check("ctrl_addr_any_word", p, p.ports(), mode="bmc", depth=10, timeout=600)
+    assert res.status == "FAIL", res.summary()
+
+
+@pytest.mark.slow_formal
+def test_host_port_cannot_disturb_a_running_program():
+    p = HostIsolation(ISO_CFG)
+    _prove("ctrl_host_iso", p, depth=ISO_DEPTH, mode="bmc", script=MITER_SCRIPT, timeout=1800)
+
+
+def test_host_writes_while_idle_are_seen_by_the_isolation_check():
+    """The miter can fail: host inputs that differ while idle reach the memories."""
+    p = HostIsolation(ISO_CFG, independent_while_idle=True)
+    res = formal.check("ctrl_host_iso_idle", p, p.ports(), mode="bmc", depth=4, timeout=600, script=MITER_SCRIPT)
     assert res.status == "FAIL", res.summary()
