@@ -12,7 +12,6 @@ model's bit for bit. Finished settings are checkpointed, so a killed run resumes
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import ROOT, BenchError, Context, GoldenRunner, progress, save_figure, write_json
+from .common import ROOT, BenchError, Checkpoint, Context, GoldenRunner, fingerprint, progress, save_figure
 
 DESCRIPTION = "float vs PTQ top-1 (W8A8/W4A4/W4A8/W2A8 x range estimators x bias correction) on the golden model"
 
@@ -68,13 +67,10 @@ def _fingerprint(grid: dict, n: int) -> str:
     """What a checkpoint's numbers depend on: the grid, the data, and the quantizer / zoo / data
     code with the cached model weights. (Lowering and golden-model changes are not tracked: they
     must not change numbers, and their own tests say so.)"""
-    h = hashlib.sha256(json.dumps([grid, n, ROWS, COLS, BITS, CALIB_IMAGES, CALIB_SEED, FASHION_SUBSET_SEED,
-                                   RECOMMENDED, SIM_CHECK_IMAGES], sort_keys=True, default=list).encode())
-    for f in ("compiler/quantize.py", "compiler/zoo.py", "compiler/data.py"):
-        h.update((ROOT / f).read_bytes())
-    for f in sorted(ZOO_CACHE.glob("quarry_cnn-*.pt")):
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
+    return fingerprint([grid, n, ROWS, COLS, BITS, CALIB_IMAGES, CALIB_SEED, FASHION_SUBSET_SEED,
+                        RECOMMENDED, SIM_CHECK_IMAGES],
+                       ("compiler/quantize.py", "compiler/zoo.py", "compiler/data.py"),
+                       [(ZOO_CACHE, "quarry_cnn-*.pt")])
 
 
 def run(ctx: Context) -> dict:
@@ -95,16 +91,9 @@ def run(ctx: Context) -> dict:
     for ds in DATASETS:  # train (or load) both models first: the fingerprint covers their weights
         zoo.trained("quarry_cnn", ds, cache=ZOO_CACHE, log=ctx.log)
     # A killed run resumes from here: every finished setting is checkpointed as it completes.
-    ckpt = ctx.out / f".accuracy{'-quick' if ctx.quick else ''}.checkpoint.json"
-    fp = _fingerprint(grid, n)
-    done = {}
-    try:
-        saved = json.loads(ckpt.read_text())
-        if saved.get("fingerprint") == fp:
-            done = {_key(r): r for r in saved["settings"]}
-            ctx.log(f"resuming: {len(done)} settings from {ckpt}")
-    except (OSError, ValueError):
-        pass
+    ckpt = Checkpoint(ctx.out / f".accuracy{'-quick' if ctx.quick else ''}.checkpoint.json", _fingerprint(grid, n),
+                      _key, "settings", ctx.log)
+    done = ckpt.load()
     for ds in DATASETS:
         calib, xte_all, yte_all, x, y = _data(ds, n)
         t0 = time.time()
@@ -147,11 +136,11 @@ def run(ctx: Context) -> dict:
                     pending = golden.submit(prog)
                     sim = simulate(qg, x[:SIM_CHECK_IMAGES])
                     if prev:
-                        _finish(out, bar, *prev, float_acc, y, ckpt, fp)
+                        _finish(out, bar, *prev, float_acc, y, ckpt)
                     prev = (row, pending, sim)
                     measured += 1
                 if prev:
-                    _finish(out, bar, *prev, float_acc, y, ckpt, fp)
+                    _finish(out, bar, *prev, float_acc, y, ckpt)
                 # Ablation: the recommended and the best setting of each bit width without the
                 # pool-aware clip.
                 for wb, ab in BITS:
@@ -177,7 +166,7 @@ def run(ctx: Context) -> dict:
     mismatches = [s for s in out["settings"] if not s["simulate_matches_golden"]]
     if mismatches:
         ctx.log(f"WARNING: compiler.quantize.simulate disagrees with the golden model on {len(mismatches)} settings")
-    ckpt.unlink(missing_ok=True)
+    ckpt.remove()
     return out
 
 
@@ -185,13 +174,13 @@ def _key(row) -> tuple:
     return tuple(row[k] for k in ("dataset", "w_bits", "a_bits", "method", "weight_method", "bias_correction"))
 
 
-def _finish(out, bar, row, pending, sim, float_acc, y, ckpt, fp):
+def _finish(out, bar, row, pending, sim, float_acc, y, ckpt):
     logits = pending.get()
     row["top1"] = float((logits.argmax(1) == y).mean())
     row["delta"] = row["top1"] - float_acc
     row["simulate_matches_golden"] = bool(np.array_equal(sim, logits[:len(sim)]))
     out["settings"].append(row)
-    write_json(ckpt, {"fingerprint": fp, "settings": out["settings"]})
+    ckpt.save(out["settings"])
     bar.set_postfix_str(f"W{row['w_bits']}A{row['a_bits']} {_label(row)}: {row['top1']:.3f}")
 
 

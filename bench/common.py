@@ -9,6 +9,7 @@ rename, so a killed run never leaves a half-written result).
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import io
 import json
 import multiprocessing as mp
@@ -25,7 +26,7 @@ from typing import Callable
 import numpy as np
 
 __all__ = ["BenchError", "Context", "ROOT", "run_meta", "write_text", "write_bytes", "write_json", "save_figure",
-           "progress", "golden_logits", "GoldenRunner"]
+           "progress", "golden_logits", "GoldenRunner", "Checkpoint", "fingerprint"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -129,6 +130,51 @@ def progress(iterable=None, **kw):
     kw.setdefault("dynamic_ncols", True)
     kw.setdefault("leave", False)
     return tqdm(iterable, **kw)
+
+
+# -- resumable runs -------------------------------------------------------------------------------
+
+def fingerprint(payload, files=(), globs=()) -> str:
+    """What a checkpoint's numbers depend on: a JSON-able ``payload`` (the grid, data sizes,
+    seeds...) and the bytes of ``files`` (paths relative to the repository) and of every file
+    matching ``globs`` (``(directory, pattern)`` pairs, e.g. the cached zoo weights)."""
+    h = hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode())
+    for f in files:
+        h.update((ROOT / f).read_bytes())
+    for d, pattern in globs:
+        for f in sorted(Path(d).glob(pattern)):
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+class Checkpoint:
+    """Finished rows of a benchmark run, rewritten (atomically) after every row, so a killed run
+    resumes where it stopped. Rows saved under another fingerprint are ignored.
+
+    ``path`` is the checkpoint file, ``field`` the name of the row list in it, ``key`` maps a row
+    to what identifies it."""
+
+    def __init__(self, path: Path, fp: str, key: Callable[[dict], tuple], field: str = "rows",
+                 log: Callable[[str], None] = print):
+        self.path, self.fp, self.key, self.field, self.log = Path(path), fp, key, field, log
+
+    def load(self) -> dict:
+        """{key: row} of the rows already measured (empty if none or stale)."""
+        try:
+            saved = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        if saved.get("fingerprint") != self.fp:
+            return {}
+        done = {self.key(r): r for r in saved.get(self.field, [])}
+        self.log(f"resuming: {len(done)} {self.field} from {self.path}")
+        return done
+
+    def save(self, rows: list) -> None:
+        write_json(self.path, {"fingerprint": self.fp, self.field: rows})
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 # -- golden-model batch runs ---------------------------------------------------------------------

@@ -22,15 +22,13 @@ Finished rows are checkpointed, so a killed run resumes.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
 from .accuracy import CALIB_IMAGES, COLS, ROWS, ZOO_CACHE, _data
-from .common import ROOT, GoldenRunner, progress, save_figure, write_json
+from .common import Checkpoint, GoldenRunner, fingerprint, progress, save_figure
 
 DESCRIPTION = "INQ / DoubleQ / DoubleQExt power-of-two weights: top-1 and weight memory on the golden model"
 
@@ -73,13 +71,10 @@ PAPERS = {
 
 
 def _fingerprint(keys, n: int) -> str:
-    h = hashlib.sha256(json.dumps([keys, n, ROWS, COLS, CALIB_IMAGES, BASE, RETRAIN, SIM_CHECK_IMAGES,
-                                   [s for s in SETTINGS if s[0] in keys]], sort_keys=True).encode())
-    for f in ("compiler/quantize.py", "compiler/pot.py", "compiler/zoo.py", "compiler/data.py"):
-        h.update((ROOT / f).read_bytes())
-    for f in sorted(ZOO_CACHE.glob("quarry_cnn-*.pt")):
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
+    return fingerprint([keys, n, ROWS, COLS, CALIB_IMAGES, BASE, RETRAIN, SIM_CHECK_IMAGES,
+                        [s for s in SETTINGS if s[0] in keys]],
+                       ("compiler/quantize.py", "compiler/pot.py", "compiler/zoo.py", "compiler/data.py"),
+                       [(ZOO_CACHE, "quarry_cnn-*.pt")])
 
 
 def run(ctx) -> dict:
@@ -98,16 +93,9 @@ def run(ctx) -> dict:
            "retrain": RETRAIN, "sim_check_images": SIM_CHECK_IMAGES, "papers": PAPERS, "datasets": {}, "rows": []}
     for ds in DATASETS:
         zoo.trained("quarry_cnn", ds, cache=ZOO_CACHE, log=ctx.log)
-    ckpt = ctx.out / f".pot_accuracy{'-quick' if ctx.quick else ''}.checkpoint.json"
-    fp = _fingerprint(keys, n)
-    done = {}
-    try:
-        saved = json.loads(ckpt.read_text())
-        if saved.get("fingerprint") == fp:
-            done = {(r["dataset"], r["key"]): r for r in saved["rows"]}
-            ctx.log(f"resuming: {len(done)} rows from {ckpt}")
-    except (OSError, ValueError):
-        pass
+    ckpt = Checkpoint(ctx.out / f".pot_accuracy{'-quick' if ctx.quick else ''}.checkpoint.json",
+                      _fingerprint(keys, n), lambda r: (r["dataset"], r["key"]), "rows", ctx.log)
+    done = ckpt.load()
     for ds in DATASETS:
         calib, _, _, x, y = _data(ds, n)
         xtr, ytr = data.load(ds)[:2]
@@ -145,7 +133,7 @@ def run(ctx) -> dict:
                        "simulate_matches_golden": bool(np.array_equal(sim, logits[:len(sim)]))}
                 out["rows"].append(row)
                 ctx.log(f"{ds} {label}: top-1 {top1:.4f}, weights {wm['bytes']} bytes, wmem {wm['wmem_bytes']} bytes")
-                write_json(ckpt, {"fingerprint": fp, "rows": out["rows"]})
+                ckpt.save(out["rows"])
     for ds in DATASETS:  # deltas against the 8-bit row of the same data set
         ref = next((r for r in out["rows"] if (r["dataset"], r["key"]) == (ds, "int8")), None)
         for r in out["rows"]:
@@ -155,7 +143,7 @@ def run(ctx) -> dict:
     bad = [r for r in out["rows"] if not r["simulate_matches_golden"]]
     if bad:
         ctx.log(f"WARNING: simulate disagrees with the golden model on {len(bad)} rows")
-    ckpt.unlink(missing_ok=True)
+    ckpt.remove()
     return out
 
 

@@ -5,6 +5,10 @@ Power-of-two weights: ``--weight-method inq|doubleq|doubleqext --pe-kind pot|hyb
 weight memory, ``4000B`` = bytes), ``--pot-layers a,b`` and ``--inq-retrain EPOCHS`` (see
 :mod:`compiler.pot`).
 
+Low bits (:mod:`compiler.qat`, :mod:`compiler.mixed`): ``--qat lsq|pact --epochs N`` fine-tunes on the
+data set's training split, ``--budget-bits B`` chooses each conv/linear layer's weight bits (2 .. the
+PE width) under a total of B weight bits, ``--layer-bits name=W[/A],...`` pins layers.
+
 MODEL is a zoo name (``quarry_cnn``), a ``torch.save``d module file, or ``package.module:factory``.
 Writes OUT/program.qprog, OUT/manifest.json, OUT/{wmem,param}.hex ($readmemh) and .bin, and
 OUT/report.json; all or nothing.
@@ -97,6 +101,78 @@ def pot_options(args) -> dict:
     return kw
 
 
+def parse_budget_bits(text: str) -> int:
+    """``--budget-bits``: a whole number of weight bits >= 1."""
+    t = text.strip()
+    if not t.isdigit() or int(t) < 1:
+        raise CompileError(f"--budget-bits must be a whole number of weight bits >= 1 (e.g. 17184), not {text!r}")
+    return int(t)
+
+
+def low_bit_options(args, cfg) -> dict:
+    """Check ``--qat``/``--epochs``/``--budget-bits``/``--layer-bits``; {} when none is given."""
+    from .mixed import parse_layer_bits
+    from .qat import QAT_METHODS
+
+    low = {}
+    if args.qat is not None:
+        if args.qat not in QAT_METHODS:
+            raise CompileError(f"--qat must be one of {', '.join(QAT_METHODS)}, not {args.qat!r}")
+        low["qat"] = args.qat
+        low["epochs"] = 3 if args.epochs is None else args.epochs
+        if low["epochs"] < 1:
+            raise CompileError(f"--epochs must be >= 1, not {args.epochs}")
+        if args.data is None and args.model not in zoo.MODELS:
+            raise CompileError("--qat needs --data (it trains on the data set's training split)")
+    elif args.epochs is not None:
+        raise CompileError("--epochs applies to --qat")
+    if args.budget_bits is not None:
+        low["budget_bits"] = parse_budget_bits(args.budget_bits)
+    if args.layer_bits is not None:
+        low["layer_bits"] = parse_layer_bits(args.layer_bits)
+    if low and args.weight_method in POT_METHODS:
+        which = "--qat" if "qat" in low else "--budget-bits" if "budget_bits" in low else "--layer-bits"
+        raise CompileError(f"{which} works on INT weights, not --weight-method {args.weight_method}")
+    if low and args.inq_retrain is not None:
+        raise CompileError("--inq-retrain does not combine with --qat/--budget-bits/--layer-bits")
+    return low
+
+
+def compile_low_bit(model, calib, cfg, args, low: dict):
+    """The ``--qat``/``--budget-bits``/``--layer-bits`` path: PTQ (with the per-layer bits) ->
+    optional QAT -> the same quantize + lower as every other program."""
+    from .frontend import capture, check_calibration
+    from .fx_import import is_fx_quantized
+    from .lower import lower
+    from .qat import build
+
+    if is_fx_quantized(model):
+        raise CompileError("the model is already quantized by PyTorch (FX): --qat/--budget-bits/--layer-bits do not apply")
+    calib = check_calibration(calib)
+    graph = capture(model, tuple(calib.shape[1:]))
+    opts = QuantOptions(method=args.method, weight_method=args.weight_method, bias_correction=args.bias_correction)
+    train, kw = None, {}
+    if "qat" in low:
+        from .pot import retrain_recipe
+
+        ds = args.data or "mnist"
+        train = data.load(ds)[:2]
+        rc = retrain_recipe(ds)
+        kw = {"per_epoch": rc["per_epoch"], "batch": rc["batch"], "augment": rc["augment"],
+              "log": lambda s: print(s, file=sys.stderr)}
+    qg = build(graph, cfg, calib, opts=opts, layer_bits=low.get("layer_bits"), budget_bits=low.get("budget_bits"),
+               qat_method=low.get("qat"), train=train, epochs=low.get("epochs", 3), **kw)
+    return lower(qg)
+
+
+def low_bit_summary(prog) -> str:
+    q = prog.manifest["quant"]
+    wm = prog.manifest["weight_memory"]
+    bits = ", ".join(f"{n} W{w}A{a}" for n, (w, a) in q["layer_bits"].items())
+    qat = f", QAT {q['qat']['method']} {q['qat']['epochs']} epochs" if q.get("qat") else ""
+    return f"; layer bits {bits}{qat}; packed weights {wm['bytes']} bytes, wmem {wm['wmem_bytes']} bytes"
+
+
 def write_outputs(prog, out: Path, report: dict) -> None:
     """OUT/program.qprog, manifest.json, {wmem,param,imem}.hex, {wmem,param}.bin, report.json."""
     with atomic_dir(out) as tmp:
@@ -127,6 +203,10 @@ def main(argv=None) -> int:
     p.add_argument("--pot-layers", help="comma-separated layers to make PoT (instead of all / the selection)")
     p.add_argument("--inq-retrain", type=int, metavar="EPOCHS",
                    help="inq: INQ incremental re-training, EPOCHS per step (minutes on the CPU; needs --data)")
+    p.add_argument("--qat", help="quantization-aware fine-tuning: lsq or pact (PACT + SAWB); needs --data")
+    p.add_argument("--epochs", type=int, help="--qat epochs (default 3)")
+    p.add_argument("--budget-bits", help="mixed precision: total weight bits (e.g. 17184), per-layer bits chosen")
+    p.add_argument("--layer-bits", help="pin layers' bits: name=W[/A],... (e.g. stem_0=8,fc=4/8)")
     p.add_argument("--calib", type=int, default=256, help="calibration images (default 256)")
     p.add_argument("--data", help="bundled data set for calibration (mnist, fashion)")
     p.add_argument("--input-shape", help="CxHxW: calibrate on random inputs (marked as such in the report)")
@@ -160,6 +240,7 @@ def main(argv=None) -> int:
             raise CompileError(f"--weight-method {args.weight_method} makes layers PoT: it needs --pe-kind pot or hybrid")
         if cfg.pe_kind == "int" and args.weight_method == "doubleqext":
             raise CompileError("--weight-method doubleqext puts layers in PoT: it needs --pe-kind hybrid (or pot)")
+        low = low_bit_options(args, cfg)
         if args.out.exists() and not args.out.is_dir():
             raise CompileError(f"--out {args.out} exists and is not a directory")
         model = load_model(args.model, args.data)
@@ -178,8 +259,11 @@ def main(argv=None) -> int:
 
             xtr, ytr = data.load(args.data or "mnist")[:2]
             retrain = {"x": xtr, "y": ytr, "epochs": args.inq_retrain, **retrain_recipe(args.data or "mnist")}
-        prog = compile_model(model, calib, cfg, method=args.method, bias_correction=args.bias_correction,
-                             weight_method=args.weight_method, inq_retrain=retrain, **pot_kw)
+        if low:
+            prog = compile_low_bit(model, calib, cfg, args, low)
+        else:
+            prog = compile_model(model, calib, cfg, method=args.method, bias_correction=args.bias_correction,
+                                 weight_method=args.weight_method, inq_retrain=retrain, **pot_kw)
         secs = time.perf_counter() - t0
     except (ConfigError, CompileError, UnsupportedOpError, QuantError, LowerError, KernelError, data.DataError) as e:
         print(f"python -m compiler: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
@@ -194,6 +278,9 @@ def main(argv=None) -> int:
               "predicted_utilisation": prog.manifest["macs"] / (prog.manifest["predicted_cycles"] * cfg.rows * cfg.cols),
               "weight_memory": prog.manifest["weight_memory"],
               "weights_per_layer": {i["name"]: i["weights"] for i in prog.manifest["layers"] if "weights" in i}}
+    if low:
+        q = prog.manifest["quant"]
+        report |= {"layer_bits": q["layer_bits"], "mixed": q["mixed"], "qat": q["qat"]}
     try:
         write_outputs(prog, args.out, report)
     except OSError as e:
@@ -205,7 +292,7 @@ def main(argv=None) -> int:
           f"{calib_kind}) in {secs:.2f} s: {len(prog.instrs)} instructions, "
           f"{report['predicted_cycles']:,} cycles predicted ({report['predicted_utilisation']:.1%} PE utilisation), "
           f"{report['wmem_rows']} weight rows, weights {wm['bytes']} bytes ({wm['bytes'] / max(wm['int8_bytes'], 1):.1%} "
-          f"of 8-bit){pot} -> {args.out}")
+          f"of 8-bit){pot}{low_bit_summary(prog) if low else ''} -> {args.out}")
     return 0
 
 

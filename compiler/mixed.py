@@ -28,6 +28,7 @@ physical wmem bytes (``weights.wmem_bytes``).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 
@@ -190,7 +191,11 @@ def plan(graph, cfg, calib, opts, budget_bits: int, *, a_bits: int | None = None
         if not MIN_BITS <= w <= cfg.w_bits:
             raise _error(f"layer_bits: {n} weight bits must be an integer in {MIN_BITS}..{cfg.w_bits} "
                          f"(the accelerator's weight width), not {w}")
-    sens = sensitivity(graph, cfg, calib, opts, choices=choices, a_bits=a_bits, act_bits=act_bits)
+    # Measured with nearest rounding on the OMSE scales and no bias correction: GPTQ and the
+    # empirical correction per variant would cost ~10x more and mostly shift every layer alike.
+    fast = dataclasses.replace(opts, weight_method="mse" if opts.weight_method == "gptq" else opts.weight_method,
+                               bias_correction="none")
+    sens = sensitivity(graph, cfg, calib, fast, choices=choices, a_bits=a_bits, act_bits=act_bits)
     bits, pred, mem = choose_bits(sizes, sens["cost"], budget_bits, wpins)
     layer_bits = {n: (bits[n], act_bits.get(n)) for n in sizes}
     record = {"budget_bits": int(budget_bits), "weight_bits": {n: bits[n] for n in sizes},
@@ -199,5 +204,6 @@ def plan(graph, cfg, calib, opts, budget_bits: int, *, a_bits: int | None = None
               "predicted_kl_increase": pred, "sensitivity": {n: {str(b): v for b, v in c.items()}
                                                              for n, c in sens["cost"].items()},
               "baseline_kl": sens["baseline_kl"], "sensitivity_images": sens["images"],
+              "sensitivity_weights": fast.weight_method, "sensitivity_bias_correction": fast.bias_correction,
               "seconds": sens["seconds"]}
     return layer_bits, record
