@@ -123,9 +123,9 @@ class QuarryTop(wiring.Component):
                 m.d.comb += rp.addr.eq(self.host_addr)
 
         # -- front end: fetch (imem read) -> decode register -> issue ------------------------------
-        # The issue logic sees only registers: the fetched word is latched into ``word`` together
-        # with the products its MATMUL/POOL needs (``d_pitch``, ``d_row0``), so no path runs from
-        # the instruction memory's output through a multiplier into an engine.
+        # The issue logic sees only registers: the fetched word is latched into ``word``, so no
+        # path runs from the instruction memory's output (slow on ECP5 block RAM) through the
+        # window multipliers into an engine.
         fpc = Signal(cfg.imem_addr_bits)  # address of the word imem presents
         fvalid = Signal()  # imem's output holds word fpc
         dvalid = Signal()  # ``word`` holds the next instruction to issue
@@ -145,19 +145,19 @@ class QuarryTop(wiring.Component):
         with m.If(self.start & ~busy):
             m.d.sync += [busy.eq(1), done.eq(0), fpc.eq(0), fvalid.eq(0), dvalid.eq(0), cycles.eq(0)]
 
-        # Window products, computed while the word is latched: ``d_pitch`` = stride_h * in_w,
-        # ``d_row0`` = base + off_h * in_w (+ off_w for POOL, whose engine walks addresses).
+        # Window products of the decoded word (registers to multiplier to the engine's registers):
+        # ``d_pitch`` = stride_h * in_w, ``d_row0`` = base + off_h * in_w (+ off_w for POOL,
+        # whose engine walks addresses).
         addr_bits = cfg.spad_addr_bits + cfg.dim_bits + isa.STRIDE_BITS + isa.OFFSET_BITS + 4
-        f_mm, f_pool = fetched.args.matmul, fetched.args.pool
-        f_is_pool = fetched.op == Opcode.POOL
-        f_in_w = Mux(f_is_pool, f_pool.in_w, f_mm.in_w)
-        f_off_h = Mux(f_is_pool, f_pool.off_h, f_mm.off_h)
-        f_stride_h = Mux(f_is_pool, f_pool.stride_h, f_mm.stride_h)
-        f_base = Mux(f_is_pool, f_pool.src_base + f_pool.off_w, f_mm.spad_base)
+        w_mm, w_pool = word.args.matmul, word.args.pool
+        w_is_pool = word.op == Opcode.POOL
+        w_in_w = Mux(w_is_pool, w_pool.in_w, w_mm.in_w)
+        w_off_h = Mux(w_is_pool, w_pool.off_h, w_mm.off_h)
+        w_stride_h = Mux(w_is_pool, w_pool.stride_h, w_mm.stride_h)
+        w_base = Mux(w_is_pool, w_pool.src_base + w_pool.off_w, w_mm.spad_base)
         d_pitch = Signal(cfg.dim_bits + isa.STRIDE_BITS)
         d_row0 = Signal(signed(addr_bits))
-        with m.If(load):
-            m.d.sync += [d_pitch.eq(f_stride_h * f_in_w), d_row0.eq(f_base + f_off_h * f_in_w)]
+        m.d.comb += [d_pitch.eq(w_stride_h * w_in_w), d_row0.eq(w_base + w_off_h * w_in_w)]
 
         a_pre = word.args.preload
         a_mm = word.args.matmul
