@@ -9,8 +9,9 @@ its 10,000). For each data set and bit width:
 * ``quarry_default`` / ``quarry_recommended``: :func:`compiler.compile` (``python -m compiler``'s
   default percentile / min-max setting, and :mod:`bench.accuracy`'s recommended MSE clip + GPTQ
   weights + empirical bias correction), top-1 of the program on the golden model;
-* ``pt2e_hist`` / ``pt2e_minmax``: ``torch.export`` -> ``prepare_pt2e(QuarryQuantizer(cfg))`` with
-  HistogramObserver (the default, as X86's) or MinMaxObserver activations -> calibrate ->
+* ``pt2e_hist`` / ``pt2e_minmax`` / ``pt2e_mse``: ``torch.export`` -> ``prepare_pt2e(QuarryQuantizer(cfg))``
+  with HistogramObserver (the default, as X86's), MinMaxObserver or ``quarry_observer("mse")``
+  (Quarry's OMSE clip) activations -> calibrate ->
   ``convert_pt2e``: top-1 of the Q/DQ graph evaluated in PyTorch, and of the program
   :func:`compiler.pt2e.compile_pt2e` lowers from it, on the golden model; plus how often the two
   predict the same class;
@@ -49,6 +50,8 @@ COLUMNS = (("float", "float (PyTorch)"), ("quarry_default", "Quarry PTQ default"
            ("pt2e_hist_quarry", "PT2E+QuarryQuantizer hist, Quarry"),
            ("pt2e_minmax_torch", "PT2E+QuarryQuantizer minmax, PyTorch"),
            ("pt2e_minmax_quarry", "PT2E+QuarryQuantizer minmax, Quarry"),
+           ("pt2e_mse_torch", "PT2E+QuarryQuantizer quarry_observer(mse), PyTorch"),
+           ("pt2e_mse_quarry", "PT2E+QuarryQuantizer quarry_observer(mse), Quarry"),
            ("x86_torch", "X86InductorQuantizer W8A8, PyTorch"))
 
 
@@ -88,7 +91,7 @@ def run(ctx) -> dict:
     from compiler import zoo
     from compiler.frontend import capture
     from compiler.lower import lower
-    from compiler.pt2e import QuarryQuantizer, import_pt2e
+    from compiler.pt2e import QuarryQuantizer, import_pt2e, quarry_observer
     from compiler.quantize import QuantOptions, quantize, simulate
     from hw.config import AccelConfig
     from sim.run import compare_runs, run_golden, run_verilator
@@ -124,7 +127,8 @@ def run(ctx) -> dict:
                     progs[key] = lower(qgraphs[key])
                     row["seconds"][key] = round(time.time() - t0, 1)
                 refs = {}
-                for obs_key, obs in (("pt2e_hist", None), ("pt2e_minmax", MinMaxObserver)):
+                for obs_key, obs in (("pt2e_hist", None), ("pt2e_minmax", MinMaxObserver),
+                                     ("pt2e_mse", quarry_observer("mse"))):
                     gm, secs = _pt2e(model, calib_t, QuarryQuantizer(cfg, act_observer=obs))
                     ref = _torch_logits(gm, x)
                     row[f"{obs_key}_torch"] = _top1(ref, y)
@@ -190,7 +194,8 @@ def markdown(res: dict, meta: dict) -> str:
         "Columns: *Quarry PTQ default* = `compiler.compile` with its defaults (percentile clip, min-max "
         "weights); *recommended* = MSE clip, GPTQ weights, empirical bias correction (bench/accuracy.py's "
         "fixed recommendation); *PT2E+QuarryQuantizer* = `torch.export` -> `prepare_pt2e(QuarryQuantizer(cfg))` "
-        "-> calibrate -> `convert_pt2e` with HistogramObserver (*hist*, the default) or MinMaxObserver "
+        "-> calibrate -> `convert_pt2e` with HistogramObserver (*hist*, the default), MinMaxObserver or "
+        "`compiler.pt2e.quarry_observer(\"mse\")` (Quarry's own OMSE clip as a PT2E observer) for the "
         "activations, evaluated as a Q/DQ graph in PyTorch and as the program `compiler.pt2e` lowers from the "
         "same graph on the golden model (*Quarry*); *X86InductorQuantizer* = PyTorch's own W8A8 quantizer "
         "(uint8 asymmetric activations, float bias), Q/DQ graph in PyTorch: the floor to beat. "
@@ -200,11 +205,12 @@ def markdown(res: dict, meta: dict) -> str:
         "|---|---|" + "---|" * (len(COLUMNS) + 1),
     ]
     for r in res["rows"]:
-        agree = f"{100 * r['pt2e_hist_agree']:.1f}% / {100 * r['pt2e_minmax_agree']:.1f}%"
+        agree = " / ".join(f"{100 * r[k]:.1f}%" for k in ("pt2e_hist_agree", "pt2e_minmax_agree", "pt2e_mse_agree")
+                           if k in r)
         lines.append(f"| {r['dataset']} | W{r['w_bits']}A{r['a_bits']} | "
                      + " | ".join(_pct(r.get(k)) for k, _ in COLUMNS) + f" | {agree} |")
     lines += ["", "*same class*: images where the PT2E graph in PyTorch and its Quarry program predict the same "
-              "class (hist / minmax). They differ by rounding only: PyTorch requantizes in float with ties to even, "
+              "class (hist / minmax / mse). They differ by rounding only: PyTorch requantizes in float with ties to even, "
               "Quarry with an integer multiplier, ties away from zero, and a fixed-point average-pool reciprocal.", ""]
     ok = all(all(r["sim_equals_golden"].values()) for r in res["rows"])
     lines.append(f"`compiler.quantize.simulate` == golden model bit for bit on the first {res['sim_check_images']} "
@@ -235,7 +241,7 @@ def plot(res: dict, path: Path) -> None:
     lo = min(100 * r[k] for r in rows for k in keys if r.get(k) is not None)
     ax.set_ylim(max(0, lo - 3), 100)
     ax.set_ylabel("top-1 (%)")
-    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.18))
     ax.set_title(f"quarry_cnn: Quarry PTQ vs PT2E, {res['config']['rows']}x{res['config']['cols']} array, "
                  f"{res['images']} test images")
     save_figure(fig, path)

@@ -75,13 +75,14 @@ from . import _is_pt2e_quantized as is_pt2e_quantized
 from .frontend import CaptureError, Graph, Layer, UnsupportedOpError
 from .quantize import QGraph, QLayer, QuantError, QuantOptions, mult_shift, qrange
 
-from torchao.quantization.pt2e.observer import HistogramObserver, PerChannelMinMaxObserver  # noqa: E402
+from torchao.quantization.pt2e.observer import (  # noqa: E402
+    HistogramObserver, MinMaxObserver, PerChannelMinMaxObserver)
 from torchao.quantization.pt2e.quantizer import (  # noqa: E402
     DerivedQuantizationSpec, QuantizationAnnotation, QuantizationSpec, Quantizer, SharedQuantizationSpec)
 from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY  # noqa: E402
 
 __all__ = ["QuarryQuantizer", "PT2EError", "import_pt2e", "compile_pt2e", "is_pt2e_quantized",
-           "SUPPORTED_PT2E_OPS", "export_for_quarry", "write_model_dir"]
+           "SUPPORTED_PT2E_OPS", "export_for_quarry", "write_model_dir", "quarry_observer"]
 
 aten = torch.ops.aten
 _qd = torch.ops.quantized_decomposed
@@ -160,6 +161,49 @@ def _sign_from_data(base):
 
     SignFromData.__name__ = SignFromData.__qualname__ = f"SignFromData{base.__name__}"
     return SignFromData
+
+
+def quarry_observer(method: str = "mse", percentile: float = 99.99, max_samples: int = 200_000):
+    """An activation observer class that picks each tensor's clip the way Quarry's own PTQ does
+    (:func:`compiler.quantize.estimate_clip`: ``minmax``, ``percentile``, ``mse``, ``aciq``,
+    ``aciq_gauss``) on a seeded subsample of the calibration values, for the quant range it is
+    given; zero point 0, ``scale = clip / quant_max`` (Quarry's convention). Use it as
+    ``QuarryQuantizer(cfg, act_observer=quarry_observer("mse"))``. torch's HistogramObserver sizes
+    its search for the dtype (256 levels) whatever the range, which costs accuracy at 4 bits."""
+    from .quantize import METHODS, estimate_clip
+
+    if method not in METHODS:
+        raise PT2EError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
+
+    class QuarryObserver(MinMaxObserver):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._samples: list[np.ndarray] = []
+            self._rng = np.random.default_rng(0)
+
+        def forward(self, x):
+            v = x.detach().reshape(-1).double().cpu().numpy()
+            if v.size > max_samples:
+                v = self._rng.choice(v, max_samples, replace=False)
+            self._samples.append(v)
+            if sum(len(a) for a in self._samples) > 2 * max_samples:
+                allv = np.concatenate(self._samples)
+                self._samples = [self._rng.choice(allv, max_samples, replace=False)]
+            return super().forward(x)
+
+        def calculate_qparams(self):
+            if not self._samples:
+                return super().calculate_qparams()
+            v = np.concatenate(self._samples)
+            if v.size > max_samples:
+                v = np.random.default_rng(0).choice(v, max_samples, replace=False)
+            signed = self.quant_min < 0
+            clip = estimate_clip(v, _bits(self.quant_min, self.quant_max), signed, method, percentile)
+            return (torch.tensor([clip / self.quant_max], dtype=torch.float32),
+                    torch.tensor([0], dtype=torch.int32))
+
+    QuarryObserver.__name__ = QuarryObserver.__qualname__ = f"QuarryObserver_{method}"
+    return QuarryObserver
 
 
 class QuarryQuantizer(Quantizer):

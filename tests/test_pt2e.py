@@ -17,7 +17,7 @@ from compiler import CompileError  # noqa: E402
 from compiler import compile as compile_model  # noqa: E402
 from compiler.frontend import UnsupportedOpError  # noqa: E402
 from compiler.pt2e import (PT2EError, QuarryQuantizer, compile_pt2e, export_for_quarry,  # noqa: E402
-                           import_pt2e, write_model_dir)
+                           import_pt2e, quarry_observer, write_model_dir)
 from compiler.quantize import qrange, simulate  # noqa: E402
 from hw.config import AccelConfig  # noqa: E402
 from tests.compiler_models import run_golden  # noqa: E402
@@ -237,6 +237,24 @@ def test_signed_input_and_other_quantizers():
         import_pt2e(pt2e(Small(), x.abs(), x86), (1, 8, 8), cfg)
     problems = {p[0]: p[2] for p in e.value.problems}
     assert "its input is not a dequantized" in problems["max_pool2d"]  # X86 leaves relu -> max_pool2d in float
+
+
+@pytest.mark.parametrize("ab", [8, 4])
+def test_quarry_observer(ab):
+    """Quarry's own range estimators as a PT2E observer: zero point 0, scale = clip / quant_max."""
+    cfg = AccelConfig(rows=8, cols=8, a_bits=ab)
+    x = images(32, (1, 8, 8))
+    gm = pt2e(Small(), x, QuarryQuantizer(cfg, act_observer=quarry_observer("minmax")))
+    q_in = next(n for n in gm.graph.nodes if n.target is qd.quantize_per_tensor.default)
+    assert q_in.args[2:5] == (0, 0, (1 << ab) - 1)
+    assert q_in.args[1] == pytest.approx(float(x.max()) / ((1 << ab) - 1), rel=1e-6)
+    gm = pt2e(Small(), x, QuarryQuantizer(cfg, act_observer=quarry_observer("mse")))
+    qg = import_pt2e(gm, (1, 8, 8), cfg)
+    with torch.no_grad():
+        ref = gm(x).numpy()
+    assert np.corrcoef(simulate(qg, x).ravel(), ref.ravel())[0, 1] > 0.98
+    with pytest.raises(PT2EError, match="method must be one of"):
+        quarry_observer("nope")
 
 
 # -- the pre-flight check ---------------------------------------------------------------------------
