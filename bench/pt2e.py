@@ -11,7 +11,8 @@ its 10,000). For each data set and bit width:
   weights + empirical bias correction), top-1 of the program on the golden model;
 * ``pt2e_hist`` / ``pt2e_minmax`` / ``pt2e_mse``: ``torch.export`` -> ``prepare_pt2e(QuarryQuantizer(cfg))``
   with HistogramObserver (the default, as X86's), MinMaxObserver or ``quarry_observer("mse")``
-  (Quarry's OMSE clip) activations -> calibrate ->
+  (Quarry's OMSE clip) activations and the default ``QuarryWeightObserver`` weights; ``pt2e_torchw``:
+  HistogramObserver with torch's ``PerChannelMinMaxObserver`` weights -> calibrate ->
   ``convert_pt2e``: top-1 of the Q/DQ graph evaluated in PyTorch, and of the program
   :func:`compiler.pt2e.compile_pt2e` lowers from it, on the golden model; plus how often the two
   predict the same class;
@@ -46,6 +47,8 @@ RECOMMENDED = {"method": "mse", "weight_method": "gptq", "bias_correction": "emp
 
 COLUMNS = (("float", "float (PyTorch)"), ("quarry_default", "Quarry PTQ default"),
            ("quarry_recommended", "Quarry PTQ recommended"),
+           ("pt2e_torchw_torch", "PT2E+QuarryQuantizer hist, torch weight observer, PyTorch"),
+           ("pt2e_torchw_quarry", "PT2E+QuarryQuantizer hist, torch weight observer, Quarry"),
            ("pt2e_hist_torch", "PT2E+QuarryQuantizer hist, PyTorch"),
            ("pt2e_hist_quarry", "PT2E+QuarryQuantizer hist, Quarry"),
            ("pt2e_minmax_torch", "PT2E+QuarryQuantizer minmax, PyTorch"),
@@ -84,7 +87,7 @@ def _pt2e(model, calib, quantizer):
 def run(ctx) -> dict:
     import torch
     import torchao
-    from torchao.quantization.pt2e.observer import MinMaxObserver
+    from torchao.quantization.pt2e.observer import MinMaxObserver, PerChannelMinMaxObserver
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
 
     from compiler import compile as compile_model
@@ -127,9 +130,10 @@ def run(ctx) -> dict:
                     progs[key] = lower(qgraphs[key])
                     row["seconds"][key] = round(time.time() - t0, 1)
                 refs = {}
-                for obs_key, obs in (("pt2e_hist", None), ("pt2e_minmax", MinMaxObserver),
-                                     ("pt2e_mse", quarry_observer("mse"))):
-                    gm, secs = _pt2e(model, calib_t, QuarryQuantizer(cfg, act_observer=obs))
+                for obs_key, obs, wobs in (("pt2e_hist", None, None), ("pt2e_minmax", MinMaxObserver, None),
+                                           ("pt2e_mse", quarry_observer("mse"), None),
+                                           ("pt2e_torchw", None, PerChannelMinMaxObserver)):
+                    gm, secs = _pt2e(model, calib_t, QuarryQuantizer(cfg, act_observer=obs, weight_observer=wobs))
                     ref = _torch_logits(gm, x)
                     row[f"{obs_key}_torch"] = _top1(ref, y)
                     t0 = time.time()
@@ -196,7 +200,9 @@ def markdown(res: dict, meta: dict) -> str:
         "fixed recommendation); *PT2E+QuarryQuantizer* = `torch.export` -> `prepare_pt2e(QuarryQuantizer(cfg))` "
         "-> calibrate -> `convert_pt2e` with HistogramObserver (*hist*, the default), MinMaxObserver or "
         "`compiler.pt2e.quarry_observer(\"mse\")` (Quarry's own OMSE clip as a PT2E observer) for the "
-        "activations, evaluated as a Q/DQ graph in PyTorch and as the program `compiler.pt2e` lowers from the "
+        "activations and the default `QuarryWeightObserver` weights (per-channel min-max, scale max|w|/qmax), "
+        "or (*torch weight observer*) torch's `PerChannelMinMaxObserver` (scale max|w|/(qmax + 1/2), clips "
+        "each channel's largest positive weight); each evaluated as a Q/DQ graph in PyTorch and as the program `compiler.pt2e` lowers from the "
         "same graph on the golden model (*Quarry*); *X86InductorQuantizer* = PyTorch's own W8A8 quantizer "
         "(uint8 asymmetric activations, float bias), Q/DQ graph in PyTorch: the floor to beat. "
         "Every *Quarry* number is the top-1 of the compiled program on `sim.golden.Machine`.",
@@ -205,12 +211,12 @@ def markdown(res: dict, meta: dict) -> str:
         "|---|---|" + "---|" * (len(COLUMNS) + 1),
     ]
     for r in res["rows"]:
-        agree = " / ".join(f"{100 * r[k]:.1f}%" for k in ("pt2e_hist_agree", "pt2e_minmax_agree", "pt2e_mse_agree")
-                           if k in r)
+        agree = " / ".join(f"{100 * r[k]:.1f}%" for k in ("pt2e_torchw_agree", "pt2e_hist_agree",
+                                                            "pt2e_minmax_agree", "pt2e_mse_agree") if k in r)
         lines.append(f"| {r['dataset']} | W{r['w_bits']}A{r['a_bits']} | "
                      + " | ".join(_pct(r.get(k)) for k, _ in COLUMNS) + f" | {agree} |")
     lines += ["", "*same class*: images where the PT2E graph in PyTorch and its Quarry program predict the same "
-              "class (hist / minmax / mse). They differ by rounding only: PyTorch requantizes in float with ties to even, "
+              "class (torch weight observer / hist / minmax / mse). They differ by rounding only: PyTorch requantizes in float with ties to even, "
               "Quarry with an integer multiplier, ties away from zero, and a fixed-point average-pool reciprocal.", ""]
     ok = all(all(r["sim_equals_golden"].values()) for r in res["rows"])
     lines.append(f"`compiler.quantize.simulate` == golden model bit for bit on the first {res['sim_check_images']} "

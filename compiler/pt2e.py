@@ -82,7 +82,8 @@ from torchao.quantization.pt2e.quantizer import (  # noqa: E402
 from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY  # noqa: E402
 
 __all__ = ["QuarryQuantizer", "PT2EError", "import_pt2e", "compile_pt2e", "is_pt2e_quantized",
-           "SUPPORTED_PT2E_OPS", "export_for_quarry", "write_model_dir", "quarry_observer"]
+           "SUPPORTED_PT2E_OPS", "export_for_quarry", "write_model_dir", "quarry_observer",
+           "QuarryWeightObserver"]
 
 aten = torch.ops.aten
 _qd = torch.ops.quantized_decomposed
@@ -163,6 +164,19 @@ def _sign_from_data(base):
     return SignFromData
 
 
+class QuarryWeightObserver(PerChannelMinMaxObserver):
+    """Per-output-channel min-max weights with Quarry's symmetric convention (as
+    :func:`compiler.quantize.weight_scales` ``minmax``): ``scale = max|w| / quant_max``, so no
+    weight is clipped. torch's ``PerChannelMinMaxObserver`` divides by ``(quant_max - quant_min) / 2``
+    (7.5 at 4 bits), which clips each channel's largest positive weight by up to half a step: on
+    ``quarry_cnn`` / Fashion-MNIST at W4A8 that costs about 5 points (bench/results/pt2e.md)."""
+
+    def calculate_qparams(self):
+        top = torch.maximum(-self.min_val, self.max_val).double()
+        top = torch.where(top > 0, top, torch.ones_like(top))
+        return (top / self.quant_max).float(), torch.zeros(top.shape, dtype=torch.int32)
+
+
 def quarry_observer(method: str = "mse", percentile: float = 99.99, max_samples: int = 200_000):
     """An activation observer class that picks each tensor's clip the way Quarry's own PTQ does
     (:func:`compiler.quantize.estimate_clip`: ``minmax``, ``percentile``, ``mse``, ``aciq``,
@@ -210,7 +224,7 @@ class QuarryQuantizer(Quantizer):
     """A torchao PT2E ``Quantizer`` for a Quarry accelerator (see the module docstring).
 
     ``QuarryQuantizer(config, w_bits=None, act_observer=HistogramObserver,
-    weight_observer=PerChannelMinMaxObserver)``: bit widths, signedness, zero points, bias width
+    weight_observer=QuarryWeightObserver)``: bit widths, signedness, zero points, bias width
     and which tensors are quantized all come from ``config`` (:class:`hw.config.AccelConfig`);
     only the observers (how a range is chosen) are the user's choice. ``w_bits`` may narrow the
     weights below the accelerator's width (e.g. W4 weights on a W8A8 array).
@@ -230,7 +244,7 @@ class QuarryQuantizer(Quantizer):
                             f"not {w_bits!r}")
         self.config, self.w_bits, self.a_bits = config, wb, config.a_bits
         self.act_observer = act_observer or HistogramObserver
-        self.weight_observer = weight_observer or PerChannelMinMaxObserver
+        self.weight_observer = weight_observer or QuarryWeightObserver
         wlo, whi = qrange(wb, True)
         self.weight_spec = QuantizationSpec(torch.int8, self.weight_observer, wlo, whi,
                                             torch.per_channel_symmetric, ch_axis=0)
