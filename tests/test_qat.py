@@ -162,7 +162,7 @@ def test_mixed_precision_programs_golden_vs_verilator():
         gres = golden_run(prog, images, progress=False)
         r = run_verilator(prog, images, rom=False, progress=False, optimize=False)
         assert not compare_runs(gres, r)
-        np.testing.assert_array_equal(np.stack(gres.outputs), simulate(q, images).reshape(len(images), -1))
+        np.testing.assert_array_equal(np.stack(gres.logits), simulate(q, images).reshape(len(images), -1))
 
 
 # -- QAT -----------------------------------------------------------------------------------------------------
@@ -213,18 +213,20 @@ def test_fake_quant_forward_matches_the_integer_network(mnist_small, method):
 
 
 def test_qat_recovers_2_bit_accuracy(mnist_small):
-    """W2A8: one LSQ epoch (seed fixed) on top of the best PTQ (OMSE + GPTQ + empirical bias
-    correction, which QAT starts from) gains a clear margin on 500 real MNIST test images, and the
+    """W2A2: two LSQ epochs (seed fixed) on top of the best PTQ (OMSE + GPTQ + empirical bias
+    correction, which QAT starts from) gain a wide margin on 500 real MNIST test images, and the
     integer program runs on the golden model as simulate says."""
     _, g, (xtr, ytr, xte, yte) = mnist_small
-    cfg = AccelConfig(rows=16, cols=16, w_bits=8, a_bits=8)
+    cfg = AccelConfig(rows=16, cols=16, w_bits=8, a_bits=2)
     calib = xtr[:256]
-    ptq = quantize(g, cfg, calib, QuantOptions("mse", weight_method="gptq", bias_correction="empirical"), w_bits=2)
+    opts = QuantOptions("mse", weight_method="gptq", bias_correction="empirical")
+    ptq = quantize(g, cfg, calib, opts, w_bits=2)
     acc_ptq = float((simulate(ptq, xte).argmax(1) == yte).mean())
-    qg = build(g, cfg, calib, w_bits=2, qat_method="lsq", train=(xtr, ytr), epochs=1, seed=0, progress=False)
+    qg = build(g, cfg, calib, opts=opts, w_bits=2, qat_method="lsq", train=(xtr, ytr), epochs=2, seed=0,
+               progress=False)
     acc_qat = float((simulate(qg, xte).argmax(1) == yte).mean())
-    assert acc_qat >= acc_ptq + 0.02, f"QAT {acc_qat:.3f} vs PTQ {acc_ptq:.3f}"
-    assert qg.quant_manifest["qat"]["epochs"] == 1 and len(qg.quant_manifest["qat"]["history"]) == 1
+    assert acc_qat >= acc_ptq + 0.10, f"QAT {acc_qat:.3f} vs PTQ {acc_ptq:.3f}"
+    assert qg.quant_manifest["qat"]["epochs"] == 2 and len(qg.quant_manifest["qat"]["history"]) == 2
     prog = lower(qg)
     out, _, _ = run_golden(prog, xte[:2])
     np.testing.assert_array_equal(out, simulate(qg, xte[:2]))
