@@ -350,38 +350,40 @@ class HostIsolation(Elaboratable):
 
 
 #: BMC depths of the controller proofs (cycles from reset). Without the well-formedness assumption
-#: the first out-of-memory write is found at step 8: 16 cycles cover the host loading a program,
-#: start and its first instructions writing memories. The isolation miter is shallower (10: a
+#: the first out-of-memory write is found at step 8: 24 cycles cover the host loading a program,
+#: start and its first instructions writing memories (depth 31 passed in ~15 min, too slow for a
+#: routine target). The isolation miter is shallower (10: a
 #: program written, started, and 8 busy cycles of free host traffic); at 11+ boolector does not
 #: finish within 10 minutes (two copies of the datapath, multipliers included).
-ADDR_DEPTH = 16
+ADDR_DEPTH = 24
 ISO_DEPTH = 10
-#: Memories as registers for the two-copy proof: boolector got stuck at step 9 with two sets of
-#: arrays (> 10 min), and passes depth 10 in ~15 s CPU with the memories mapped to flip-flops.
-MITER_SCRIPT = "memory_map; opt"
+#: Memories as flip-flops (the configs are tiny): boolector handles them far better than arrays
+#: (address proof: depth 16 took 207 s with arrays, depth 20 56 s mapped; the miter got stuck at
+#: step 9 with two sets of arrays, and passes depth 10 in ~15 s CPU mapped).
+MEM_SCRIPT = "memory_map; opt"
 
 
 @pytest.mark.slow_formal
 def test_controller_writes_stay_in_memories():
     p = AddressSafety(CTRL_CFG)
-    _prove("ctrl_addr", p, depth=ADDR_DEPTH, mode="bmc")
+    _prove("ctrl_addr", p, depth=ADDR_DEPTH, mode="bmc", script=MEM_SCRIPT, timeout=1800)
 
 
 def test_controller_without_well_formed_instructions_is_caught():
     """The assumption matters: with any imem word allowed, an engine writes outside a memory."""
     p = AddressSafety(CTRL_CFG, assume_well_formed=False)
-    res = formal.check("ctrl_addr_any_word", p, p.ports(), mode="bmc", depth=10, timeout=600)
+    res = formal.check("ctrl_addr_any_word", p, p.ports(), mode="bmc", depth=10, timeout=600, script=MEM_SCRIPT)
     assert res.status == "FAIL", res.summary()
 
 
 @pytest.mark.slow_formal
 def test_host_port_cannot_disturb_a_running_program():
     p = HostIsolation(ISO_CFG)
-    _prove("ctrl_host_iso", p, depth=ISO_DEPTH, mode="bmc", script=MITER_SCRIPT, timeout=1800)
+    _prove("ctrl_host_iso", p, depth=ISO_DEPTH, mode="bmc", script=MEM_SCRIPT, timeout=1800)
 
 
 def test_host_writes_while_idle_are_seen_by_the_isolation_check():
     """The miter can fail: host inputs that differ while idle reach the memories."""
     p = HostIsolation(ISO_CFG, independent_while_idle=True)
-    res = formal.check("ctrl_host_iso_idle", p, p.ports(), mode="bmc", depth=4, timeout=600, script=MITER_SCRIPT)
+    res = formal.check("ctrl_host_iso_idle", p, p.ports(), mode="bmc", depth=4, timeout=600, script=MEM_SCRIPT)
     assert res.status == "FAIL", res.summary()
