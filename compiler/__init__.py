@@ -85,4 +85,5 @@ def _is_pt2e_quantized(model) -> bool:
 
 
 #: Keywords of :func:`compile` that go to ``QuantOptions`` (power-of-two weights).
-POT_OPTIONS = frozenset({"pot_bits", "pot_granularity", "pot_scale", "pot_rounding", "pot_budget", "pot_layers"})
+POT_OPTIONS = frozenset({"pot_bits", "pot_granularity", "pot_scale", "pot_rounding", "pot_budget", "pot_layers",
+                         "dsconv_block"})

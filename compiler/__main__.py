@@ -98,6 +98,8 @@ def pot_options(args) -> dict:
         kw["pot_budget"] = parse_budget(args.pot_budget)
     if args.pot_layers is not None:
         kw["pot_layers"] = tuple(n.strip() for n in args.pot_layers.split(",") if n.strip())
+    if args.dsconv_block is not None:
+        kw["dsconv_block"] = args.dsconv_block
     return kw
 
 
@@ -200,6 +202,8 @@ def main(argv=None) -> int:
     p.add_argument("--pot-scale", help="inq scale: pow2 (paper) or lsq (least squares); default pow2")
     p.add_argument("--pot-rounding", help="inq rounding: nearest (paper) or gptq; default nearest")
     p.add_argument("--pot-budget", help="doubleqext weight memory: fraction of 8-bit (0.77) or bytes (4000B)")
+    p.add_argument("--dsconv-block", type=int, help="dsconv: input channels per weight block, a multiple of "
+                   "the array rows (default: the rows); needs --block-scale")
     p.add_argument("--pot-layers", help="comma-separated layers to make PoT (instead of all / the selection)")
     p.add_argument("--inq-retrain", type=int, metavar="EPOCHS",
                    help="inq: INQ incremental re-training, EPOCHS per step (minutes on the CPU; needs --data)")
@@ -226,7 +230,9 @@ def main(argv=None) -> int:
         pot_kw = pot_options(args)
         QuantOptions(method=args.method, weight_method=args.weight_method, bias_correction=args.bias_correction,
                      **pot_kw)
-        if pot_kw and args.weight_method not in POT_METHODS:
+        if "dsconv_block" in pot_kw and args.weight_method != "dsconv":
+            raise CompileError(f"--dsconv-block applies to --weight-method dsconv, not {args.weight_method}")
+        if set(pot_kw) - {"dsconv_block"} and args.weight_method not in POT_METHODS:
             raise CompileError(f"--{next(iter(pot_kw)).replace('_', '-')} applies to --weight-method "
                                f"{'/'.join(POT_METHODS)}, not {args.weight_method}")
         if args.inq_retrain is not None:

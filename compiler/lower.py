@@ -106,6 +106,20 @@ def _check_accumulator(cfg, name: str, w_q, x_signed: bool) -> dict:
     return {"terms": terms, "sum_min": lo, "sum_max": hi, "bits_needed": need}
 
 
+def _block_scale(ql):
+    return None if getattr(ql, "block_mult", None) is None else (ql.block_mult, ql.block_shift)
+
+
+def _summed_weights(cfg, l, ql):
+    """The integer weights whose sums reach the accumulator: ``w_q``, or for a DSConv layer its
+    weights times each block's rescale (rounded up in magnitude, a bound)."""
+    if getattr(ql, "block_mult", None) is None:
+        return ql.w_q
+    from .dsconv import effective_weights
+
+    return effective_weights(ql.w_q, ql.block_mult, ql.block_shift, cfg.rows, l.groups)
+
+
 def _check_pe_kind(cfg, name: str, pot: bool) -> None:
     if pot and cfg.pe_kind == "int":
         raise PotLayerError(name, "has power-of-two weights, which need pe_kind pot or hybrid; "
@@ -120,8 +134,14 @@ def _weight_info(qg: QGraph, l, ql, wmem_rows: int) -> dict:
     cfg = qg.config
     n = int(np.prod(l.weight.shape))
     bits = int(getattr(ql, "code_bits", None) or qg.w_bits)
-    return {"format": "pot" if getattr(ql, "pot", False) else "int", "count": n, "bits": bits,
-            "bytes": -(-n * bits // 8), "wmem_rows": wmem_rows,
+    fmt = "pot" if getattr(ql, "pot", False) else ("dsconv" if getattr(ql, "block_mult", None) is not None else "int")
+    scale_bits = 0
+    if getattr(ql, "block_mult", None) is not None:  # one scale (mult + shift) per block of every output channel
+        blk = qg.options.dsconv_block or cfg.rows
+        scale_bits = ql.block_mult.shape[0] * -(-l.weight.shape[1] * l.groups // blk) \
+            * int(np.prod(ql.block_mult.shape[2:])) * (cfg.mult_bits + cfg.shift_bits)
+    return {"format": fmt, "count": n, "bits": bits,
+            "bytes": -(-(n * bits + scale_bits) // 8), "wmem_rows": wmem_rows,
             "wmem_bytes": -(-wmem_rows * cfg.cols * cfg.w_bits // 8)}
 
 
@@ -204,6 +224,8 @@ def lower(qg: QGraph, *, reuse_spad: bool = True, quant: dict | None = None, im2
     if inp.kind != "input":
         raise LowerError(f"the first layer ({inp.name}) must be the model input")
     first = _input_im2col(graph, layers, cfg) if im2col_input else None
+    if first is not None and getattr(qg.layers[first.name], "block_mult", None) is not None:
+        first = None  # DSConv blocks are the input's channels; im2col would mix taps into them
     if first is not None:
         try:
             return _lower(qg, layers, reuse_spad, quant, first)
@@ -231,7 +253,8 @@ def _lower(qg: QGraph, layers, reuse_spad: bool, quant, first) -> Program:
             pot = bool(getattr(ql, "pot", False))
             if l.kind == "conv":
                 _check_pe_kind(cfg, l.name, pot)
-                info["accumulator"] = _check_accumulator(cfg, l.name, ql.w_q, tensors[l.inputs[0]].signed)
+                info["accumulator"] = _check_accumulator(cfg, l.name, _summed_weights(cfg, l, ql),
+                                                         tensors[l.inputs[0]].signed)
             if l.kind == "input" and first is not None:
                 cin, kh, kw = first.weight.shape[1:]
                 _, oh, ow = first.shape
@@ -243,7 +266,7 @@ def _lower(qg: QGraph, layers, reuse_spad: bool, quant, first) -> Program:
             elif l.kind == "conv" and l.name == graph.output:
                 x = tensors[l.inputs[0]]
                 out_info = b.conv2d_to_acc(x, ql.w_q, stride=l.stride, padding=l.padding, groups=l.groups,
-                                           name=l.name, pot=pot)
+                                           name=l.name, pot=pot, block_scale=_block_scale(ql))
                 xs = qg.layers[l.inputs[0]].scale
                 out_info.update(bias_q=ql.bias_q.tolist(), scales=(xs * ql.w_scale).tolist())
             elif l.kind == "conv":
@@ -255,7 +278,8 @@ def _lower(qg: QGraph, layers, reuse_spad: bool, quant, first) -> Program:
                              lo=ql.lo, hi=ql.hi, res_mult=ql.res_mult)
                 tensors[l.name] = b.conv2d(x, w_q, rq, stride=stride, padding=padding, groups=l.groups,
                                            residual=tensors[l.residual] if l.residual else None,
-                                           out_signed=ql.signed, name=l.name, pot=pot)
+                                           out_signed=ql.signed, name=l.name, pot=pot,
+                                           block_scale=_block_scale(ql))
             elif l.kind in ("maxpool", "avgpool"):
                 mode = PoolMode.MAX if l.kind == "maxpool" else PoolMode.AVG
                 tensors[l.name] = b.pool2d(tensors[l.inputs[0]], mode, l.kernel, stride=l.stride,
@@ -311,6 +335,8 @@ def _predict_cycles(cfg, instrs, layers_info) -> int:
 def _quant_manifest(qg: QGraph) -> dict:
     o = qg.options
     q = {"method": o.method, "w_bits": qg.w_bits, "a_bits": qg.a_bits, "bias_correction": o.bias_correction}
+    if o.weight_method == "dsconv":
+        q |= {"weight_method": "dsconv", "dsconv_block": o.dsconv_block or qg.config.rows}
     if o.weight_method in POT_METHODS:  # additive: int settings keep the manifest they always had
         q |= {"weight_method": o.weight_method, "pot_bits": qg.pot_bits, "pot_granularity": o.pot_granularity,
               "pot_scale": o.pot_scale, "pot_layers": sorted(qg.pot_layers),

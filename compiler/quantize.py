@@ -62,7 +62,7 @@ __all__ = [
 
 METHODS = ("minmax", "percentile", "mse", "aciq", "aciq_gauss")
 POT_METHODS = _pot.POT_METHODS
-WEIGHT_METHODS = ("minmax", "mse", "gptq") + POT_METHODS
+WEIGHT_METHODS = ("minmax", "mse", "gptq", "dsconv") + POT_METHODS
 BIAS_CORRECTIONS = ("none", "analytic", "empirical", "both")
 
 # ACIQ clipping multipliers (Banner et al.; METHODS.md). They minimise the Laplace / Gaussian
@@ -113,6 +113,9 @@ class QuantOptions:
     #: The conv/linear layers to make PoT (names), instead of all (``inq``, ``doubleq``) or the
     #: DoubleQExt selection. A mix needs ``pe_kind`` hybrid.
     pot_layers: tuple | None = None
+    #: ``dsconv`` (:mod:`compiler.dsconv`): input channels per weight block, a multiple of the
+    #: array's rows; ``None``: the rows (the finest the hardware rescales).
+    dsconv_block: int | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -124,6 +127,12 @@ class QuantOptions:
             object.__setattr__(self, "bias_correction", "analytic" if bc else "none")
         elif bc not in BIAS_CORRECTIONS:
             raise QuantError(f"bias_correction must be one of {', '.join(BIAS_CORRECTIONS)}, not {bc!r}")
+        if self.dsconv_block is not None and (not isinstance(self.dsconv_block, int)
+                                              or isinstance(self.dsconv_block, bool) or self.dsconv_block < 1):
+            raise QuantError(f"dsconv_block must be a positive integer, not {self.dsconv_block!r}")
+        if self.weight_method == "dsconv" and self.bias_correction in ("analytic", "both"):
+            raise QuantError("bias_correction analytic rescales whole channels; with weight_method dsconv "
+                             "use none or empirical")
         if not 0 < self.percentile <= 100:
             raise QuantError(f"percentile must be in (0, 100], not {self.percentile!r}")
         self._check_pot()
@@ -165,6 +174,10 @@ class QLayer:
     pot: bool = False
     #: Bits of one stored weight code in the number format (the weight-memory report).
     code_bits: int | None = None
+    #: DSConv (:mod:`compiler.dsconv`): per (output channel, channel block of the array, tap)
+    #: rescale ``mult``/``shift`` applied to each MATMUL tile's sums; ``None`` for other layers.
+    block_mult: np.ndarray | None = None
+    block_shift: np.ndarray | None = None
 
 
 @dataclass
@@ -491,11 +504,48 @@ def _round_shift(x: np.ndarray, s: np.ndarray) -> np.ndarray:
     return np.right_shift(x + half - ((x < 0) & (s > 0)), s)
 
 
-def _int_conv(l: Layer, ql: QLayer, xq: np.ndarray) -> np.ndarray:
+def _int_conv(l: Layer, ql: QLayer, xq: np.ndarray, cfg: AccelConfig | None = None) -> np.ndarray:
     # float64 convolution of integer tensors is exact while |acc| < 2**53 (acc_width <= 48).
+    if ql.block_mult is not None:
+        return _int_conv_blocks(l, ql, xq, cfg)
     acc = F.conv2d(torch.from_numpy(xq.astype(np.float64)), torch.from_numpy(ql.w_q.astype(np.float64)),
                    None, l.stride, l.padding, 1, l.groups)
     return np.rint(acc.numpy()).astype(np.int64)
+
+
+def _wrap(x: np.ndarray, bits: int) -> np.ndarray:
+    half = np.int64(1) << np.int64(bits - 1)
+    return ((x + half) & ((half << 1) - 1)) - half
+
+
+def _int_conv_blocks(l: Layer, ql: QLayer, xq: np.ndarray, cfg: AccelConfig) -> np.ndarray:
+    """A DSConv layer as the hardware sums it: each tile's (tap, channel block) sums, wrapped at
+    ``acc_width`` like the array's, rescaled by its block scale, then accumulated (wrapping)."""
+    from .dsconv import dense_weights
+
+    R = cfg.rows
+    w = dense_weights(ql.w_q, l.groups).astype(np.float64)
+    cout, cin, kh, kw = w.shape
+    x = torch.from_numpy(xq.astype(np.float64))
+    acc = 0
+    for cb in range(-(-cin // R)):
+        xb = x[:, cb * R:(cb + 1) * R]
+        for dy in range(kh):
+            for dx in range(kw):
+                wt = np.zeros((cout, xb.shape[1], kh, kw))
+                wt[:, :, dy, dx] = w[:, cb * R:(cb + 1) * R, dy, dx]
+                if not wt.any():
+                    continue
+                p = F.conv2d(xb, torch.from_numpy(wt), None, l.stride, l.padding)
+                p = _wrap(np.rint(p.numpy()).astype(np.int64), cfg.acc_width)
+                m = ql.block_mult[:, cb, dy, dx].reshape(1, -1, 1, 1)
+                sh = ql.block_shift[:, cb, dy, dx].reshape(1, -1, 1, 1)
+                acc = _wrap(acc + _round_shift(p * m, sh), cfg.acc_width)
+    if isinstance(acc, int):  # every tile zero
+        oh = (xq.shape[2] + 2 * l.padding[0] - kh) // l.stride[0] + 1
+        ow = (xq.shape[3] + 2 * l.padding[1] - kw) // l.stride[1] + 1
+        acc = np.zeros((len(xq), cout, oh, ow), np.int64)
+    return acc
 
 
 def _requant(ql: QLayer, acc: np.ndarray, res: np.ndarray | None) -> np.ndarray:
@@ -540,7 +590,7 @@ def simulate(qg: QGraph, x, record: bool = False):
         if l.kind == "input":
             codes[l.name] = _quantize_input(ql, x)
         elif l.kind == "conv":
-            acc = _int_conv(l, ql, codes[l.inputs[0]])
+            acc = _int_conv(l, ql, codes[l.inputs[0]], qg.config)
             if l.name == qg.graph.output:
                 codes[l.name] = acc
                 out = (acc + ql.bias_q.reshape(1, -1, 1, 1)) * (qg.layers[l.inputs[0]].scale * ql.w_scale).reshape(1, -1, 1, 1)
@@ -583,6 +633,9 @@ def quantize(graph: Graph, cfg: AccelConfig, calib: torch.Tensor, opts: QuantOpt
     qg = QGraph(graph, cfg, options=opts, w_bits=wb, a_bits=ab, layer_bits=per_layer)
     if opts.weight_method in POT_METHODS:
         _pot.plan(qg, calib, wb)
+    if opts.weight_method == "dsconv" and not cfg.block_scale:
+        raise QuantError("weight_method dsconv needs an accelerator with block_scale (hw.build --block-scale): "
+                         f"{cfg.describe()} has none")
     empirical = opts.bias_correction in ("empirical", "both")
     codes: dict[str, np.ndarray] = {}  # integer codes of the network built so far (empirical BC)
     rng = np.random.default_rng(0)
@@ -656,6 +709,15 @@ def _quantize_conv(qg: QGraph, ql: QLayer, wb: int, vals: dict, codes: dict | No
         wq = np.clip(np.round(w / sw.reshape(-1, 1, 1, 1)), qmin, qmax).astype(np.int64)
     elif opts.weight_method in POT_METHODS:
         wq, sw, ql.pot, ql.code_bits = _pot.quantize_weights(qg, l, w, wb, lambda: _patches(l, vals[l.inputs[0]]))
+    elif opts.weight_method == "dsconv":
+        from .dsconv import DSConvError, block_quantize, fixed_point_scales
+
+        try:
+            wq, alpha = block_quantize(w, wb, opts.dsconv_block or cfg.rows, cfg.rows, l.groups)
+        except DSConvError as e:
+            raise QuantError(f"layer {l.name}: {e}") from None
+        ql.block_mult, ql.block_shift, sw, _ = fixed_point_scales(
+            wq, alpha, cfg.rows, l.groups, cfg.mult_bits, (1 << cfg.shift_bits) - 1, max(-x.lo, x.hi), cfg.acc_width)
     elif opts.weight_method == "gptq":
         sw = weight_scales(w, wb, "mse")
         with torch.no_grad():
@@ -680,7 +742,7 @@ def _quantize_conv(qg: QGraph, ql: QLayer, wb: int, vals: dict, codes: dict | No
         return
     # Empirical bias correction: pre-activation mean error of the integer network so far against
     # the float network, per output channel, folded into the bias (Nagel et al. 2019, sec. 4.2).
-    acc = _int_conv(l, ql, codes[l.inputs[0]])
+    acc = _int_conv(l, ql, codes[l.inputs[0]], cfg)
     acc_scale = (x.scale * sw).reshape(1, -1, 1, 1)
     y_q = (acc + ql.bias_q.reshape(1, -1, 1, 1)) * acc_scale
     with torch.no_grad():

@@ -86,7 +86,8 @@ def config_from_args(args) -> AccelConfig:
         kw["w_bits"] = args.wbits
     if args.abits is not None:
         kw["a_bits"] = args.abits
-    for name in ("pe_kind", "spad_depth", "acc_depth", "wmem_depth", "imem_depth", "param_depth", "acc_bits"):
+    for name in ("pe_kind", "spad_depth", "acc_depth", "wmem_depth", "imem_depth", "param_depth", "acc_bits",
+                 "block_scale"):
         v = getattr(args, name)
         if v is not None:
             kw[name] = v
@@ -102,6 +103,8 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     for name in ("spad", "acc", "wmem", "imem", "param"):
         p.add_argument(f"--{name}-depth", dest=f"{name}_depth", type=int, help=f"{name} memory depth in rows")
     p.add_argument("--acc-bits", dest="acc_bits", type=int, help="accumulator width (default: derived)")
+    p.add_argument("--block-scale", dest="block_scale", action="store_true", default=None,
+                   help="DSConv block rescaling in the accumulator path (for --weight-method dsconv)")
 
 
 class _Parser(argparse.ArgumentParser):
