@@ -1,7 +1,8 @@
 """``make demo``: the whole Quarry flow on the bundled default.
 
-Train (or load) the default CNN on real MNIST, quantize it at W8A8 and W4A4, compile it for a
-16x16 array, generate the accelerator with the weights in ROM, run N test images through the
+Train (or load) the default CNN on real MNIST, quantize it at W8A8 and W4A4 (integer PEs), with
+DoubleQExt (INT and power-of-two layers in one program, hybrid PEs) and with DSConv block-scaled
+4-bit weights (block rescale in the accumulator path), compile each for a 16x16 array, generate the accelerator with the weights in ROM, run N test images through the
 RTL under Verilator and through the golden model, and report accuracy, bit-exactness, cycles
 and utilisation. Writes ``build/demo/report.json``.
 """
@@ -17,9 +18,13 @@ from pathlib import Path
 import numpy as np
 
 SETTINGS = (
-    # name, w_bits, a_bits, activation range estimator, weight range, bias correction
-    ("W8A8", 8, 8, "percentile", "minmax", "none"),
-    ("W4A4", 4, 4, "mse", "mse", "empirical"),
+    # name, config fields, compile() keywords
+    ("W8A8", dict(w_bits=8, a_bits=8), dict(method="percentile", weight_method="minmax", bias_correction="none")),
+    ("W4A4", dict(w_bits=4, a_bits=4), dict(method="mse", weight_method="mse", bias_correction="empirical")),
+    ("HYB-DQE", dict(w_bits=8, a_bits=8, pe_kind="hybrid"),
+     dict(method="mse", weight_method="doubleqext", pot_budget=0.77, bias_correction="empirical")),
+    ("DSCONV4", dict(w_bits=4, a_bits=8, block_scale=True),
+     dict(method="mse", weight_method="dsconv", bias_correction="empirical")),
 )
 
 
@@ -54,13 +59,14 @@ def main(argv=None) -> int:
     images, labels = xte[:args.n].numpy(), yte[:args.n].numpy()
     report = {"images": args.n, "array": f"{rows}x{cols}", "float_acc_all_test": float_acc_all, "settings": {}}
     wanted = args.settings.split(",")
-    for name, wb, ab, method, wmethod, bc in (s for s in SETTINGS if s[0] in wanted):
-        cfg = AccelConfig(rows=rows, cols=cols, w_bits=wb, a_bits=ab)
+    for name, cfg_kw, ckw in (s for s in SETTINGS if s[0] in wanted):
+        cfg = AccelConfig(rows=rows, cols=cols, **cfg_kw)
         out = args.out / name
-        say(f"\n-- {name}: {cfg.describe()}; activations {method}, weights {wmethod}, bias correction {bc}; "
-            f"256 calibration images --")
+        method = ckw["method"]
+        say(f"\n-- {name}: {cfg.describe()}; activations {method}, weights {ckw['weight_method']}, "
+            f"bias correction {ckw['bias_correction']}; 256 calibration images --")
         t0 = time.perf_counter()
-        prog = compile_model(model, xtr[:256], cfg, method=method, weight_method=wmethod, bias_correction=bc)
+        prog = compile_model(model, xtr[:256], cfg, **ckw)
         compile_s = time.perf_counter() - t0
         write_outputs(prog, out / "model", {"model": "quarry_cnn", "data": "mnist", "method": method,
                                             "compile_seconds": round(compile_s, 3)})
@@ -82,7 +88,10 @@ def main(argv=None) -> int:
         s = {"float_acc": float_acc_n, "golden_acc": gold.accuracy(labels), "rtl_acc": rtl.accuracy(labels),
              "images": args.n, "bit_exact": exact, "cycles_per_image": cyc, "utilization": util,
              "macs_per_image": prog.manifest["macs"], "compile_seconds": compile_s,
-             "rtl_build_seconds": rtl.build_seconds, "rtl_seconds": rtl.seconds, "method": method}
+             "rtl_build_seconds": rtl.build_seconds, "rtl_seconds": rtl.seconds, "method": method,
+             "weight_method": ckw["weight_method"], "pe_kind": cfg.pe_kind, "block_scale": cfg.block_scale,
+             "weight_bytes": prog.manifest["weight_memory"]["bytes"],
+             "pot_layers": prog.manifest["weight_memory"]["pot_layers"]}
         report["settings"][name] = s
         say(f"\n  {'setting':8s} {'float':>7s} {'golden':>7s} {'RTL':>7s} {'RTL==golden':>12s} {'cycles/img':>11s} {'PE util':>8s}")
         say(f"  {name:8s} {s['float_acc']:7.2%} {s['golden_acc']:7.2%} {s['rtl_acc']:7.2%} "
