@@ -132,7 +132,7 @@ def low_bit_options(args, cfg) -> dict:
         low["budget_bits"] = parse_budget_bits(args.budget_bits)
     if args.layer_bits is not None:
         low["layer_bits"] = parse_layer_bits(args.layer_bits)
-    if low and args.weight_method in POT_METHODS:
+    if low and args.weight_method not in ("minmax", "mse", "gptq"):
         which = "--qat" if "qat" in low else "--budget-bits" if "budget_bits" in low else "--layer-bits"
         raise CompileError(f"{which} works on INT weights, not --weight-method {args.weight_method}")
     if low and args.inq_retrain is not None:
