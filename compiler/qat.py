@@ -30,9 +30,10 @@ Methods
 -------
 * ``lsq`` (Esser et al. 2020): ``v_hat = round(clamp(v / s, -Q_N, Q_P)) * s`` with ``s``
   learned for every activation tensor and every weight output channel, its gradient scaled by
-  ``1 / sqrt(N * Q_P)`` (``N``: elements per channel for weights, per image for activations).
-  Everything starts from the PTQ result (its integer weights, corrected biases and scales: the
-  first forward pass is the PTQ network), not LSQ's ``2 mean|v| / sqrt(Q_P)``.
+  ``1 / sqrt(N * Q_P)`` (``N``: elements per channel for weights, per image for activations;
+  with Adam the scale mostly cancels). Everything starts from the PTQ result (its integer
+  weights, corrected biases and scales: the first forward pass is the PTQ network), not LSQ's
+  ``2 mean|v| / sqrt(Q_P)``.
 * ``pact`` (Choi et al. 2018): every activation is clipped at a learned ``alpha`` (``s =
   alpha / Q_P``; the gradient reaches ``alpha`` through the clip only, as in the paper, with an
   L2 penalty ``pact_decay * alpha**2``), starting from the PTQ clip; weights use SAWB:
@@ -329,8 +330,10 @@ def qat(qg, x, y, *, method: str = "lsq", epochs: int = 3, lr: float = DEFAULTS[
     """Fine-tune the PTQ graph ``qg`` on training images ``x`` / labels ``y``.
 
     ``init="ptq"`` starts from ``qg`` itself (weights ``w_q * s_w``, biases ``bias_q * s_x s_w``,
-    its scales), so the first forward pass is the PTQ integer network, whatever rounding (GPTQ)
-    and bias correction made it; ``init="float"`` starts from the float weights with ``qg``'s
+    its scales), so with ``lsq`` the first forward pass is the PTQ integer network, whatever
+    rounding (GPTQ) and bias correction made it (``pact`` starts from the same weights and clips,
+    but SAWB recomputes the weight scales, so its first pass already differs: on MNIST W2A2 it
+    starts at 33 % against PTQ's 53 %); ``init="float"`` starts from the float weights with ``qg``'s
     scales. Returns ``(graph, act_scales, w_scales, record)``: pass the first three (with ``qg``'s
     bit widths) to :func:`compiler.quantize.quantize` to get the integer graph."""
     from . import zoo
