@@ -306,6 +306,8 @@ def _lower(qg: QGraph, layers, reuse_spad: bool, quant, first) -> Program:
         "predicted_cycles": _predict_cycles(cfg, b.instrs, layers_info),
         "input": {"spad_base": tensors[inp.name].base, "shape": list(inp.shape),
                   "scale": qg.layers[inp.name].scale, "signed": qg.layers[inp.name].signed,
+                  # the input's code range: narrower than the array's when quantized at fewer bits
+                  "lo": int(qg.layers[inp.name].lo), "hi": int(qg.layers[inp.name].hi),
                   **({"im2col": im2col} if im2col else {})},
         "output": out_info,
         "layers": layers_info,

@@ -308,6 +308,8 @@ def quantize_input(program: Program, x: np.ndarray) -> tuple[int, np.ndarray]:
     x = np.asarray(x, dtype=np.float64).reshape(c, h, w)
     a = cfg.a_bits
     lo, hi = (-(1 << (a - 1)), (1 << (a - 1)) - 1) if spec["signed"] else (0, (1 << a) - 1)
+    # A model quantized at fewer activation bits than the array's gives its own (narrower) range.
+    lo, hi = max(lo, spec.get("lo", lo)), min(hi, spec.get("hi", hi))
     q = np.clip(np.round(x / spec["scale"]), lo, hi).astype(np.int64)
     if "im2col" in spec:
         (kh, kw), (sh, sw), (ph, pw) = (spec["im2col"][k] for k in ("kernel", "stride", "padding"))

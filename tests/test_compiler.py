@@ -510,3 +510,21 @@ def test_input_im2col_is_exact_and_saves_passes():
             ref = run_golden(lower(qg, im2col_input=False), x, progress=False)
             assert all(np.array_equal(a, b) for a, b in zip(got.outputs, ref.outputs)), f"stride {stride}"
             assert got.cycles[0] < ref.cycles[0]
+
+
+def test_narrow_activation_bits_input_matches_simulate():
+    """quantize(a_bits=3) on an 8-bit array: the host clamps the input to the model's 3-bit
+    range (manifest input lo/hi), so the golden model equals the integer simulation."""
+    from compiler.quantize import simulate
+
+    from tests.compiler_models import tiny
+
+    torch.manual_seed(0)
+    x = torch.rand((12, 1, 8, 8)) * 3 - 1  # signed input well outside a 3-bit range at some pixels
+    cfg = AccelConfig(rows=4, cols=4, spad_depth=256, acc_depth=64, wmem_depth=128, imem_depth=128, param_depth=8)
+    g = capture(tiny(), (1, 8, 8))
+    qg = quantize(g, cfg, x[:8] * 0.5, QuantOptions(), a_bits=3)
+    prog = lower(qg)
+    assert (prog.manifest["input"]["lo"], prog.manifest["input"]["hi"]) == (-4, 3)
+    got, _, _ = run_golden(prog, x[8:])
+    assert np.array_equal(got, simulate(qg, x[8:]))
