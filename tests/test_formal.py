@@ -183,6 +183,18 @@ def test_pe_equals_spec(kind, wa):
     _prove(f"pe_{kind}_w{w}a{a}", PeProof(cfg), depth=5, mode="bmc")
 
 
+_FAST_PE = {(2, 2), (4, 4), (8, 8), (2, 8)}
+
+
+@pytest.mark.slow_formal
+@pytest.mark.parametrize("kind", ["int", "pot", "hybrid"])
+@pytest.mark.parametrize("wa", [(w, a) for w in range(2, 9) for a in range(2, 9) if (w, a) not in _FAST_PE],
+                         ids=lambda wa: f"w{wa[0]}a{wa[1]}")
+def test_pe_equals_spec_every_width(kind, wa):
+    """The same proof at every other weight/activation width pair 2..8 (make formal: ~15 min)."""
+    test_pe_equals_spec(kind, wa)
+
+
 def test_wrong_spec_is_caught():
     """The proof can fail: against a spec that rounds ties up (toward +inf) instead of away from
     zero, which differs only on negative ties, the prover must find a counterexample."""
