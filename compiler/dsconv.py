@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["block_quantize", "fixed_point_scales", "effective_weights", "dense_weights", "MAX_FRACTION_BITS",
+from .kernels import dense_weights
+
+__all__ = ["block_quantize", "fixed_point_scales", "effective_weights", "MAX_FRACTION_BITS",
            "DSConvError"]
 
 #: Most fraction bits kept in the accumulator below the channel's largest block scale.
@@ -41,15 +43,6 @@ MAX_FRACTION_BITS = 8
 
 class DSConvError(ValueError):
     """DSConv options do not fit the accelerator (block size, block_scale hardware)."""
-
-
-def dense_weights(w: np.ndarray, groups: int) -> np.ndarray:
-    cout, cin_g, kh, kw = w.shape
-    dense = np.zeros((cout, cin_g * groups, kh, kw), w.dtype)
-    per = cout // groups
-    for g in range(groups):
-        dense[g * per:(g + 1) * per, g * cin_g:(g + 1) * cin_g] = w[g * per:(g + 1) * per]
-    return dense
 
 
 def block_quantize(w: np.ndarray, bits: int, blk: int, rows: int, groups: int = 1):

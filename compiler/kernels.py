@@ -20,7 +20,7 @@ from hw import isa
 from hw.config import AccelConfig
 from hw.isa import PoolMode
 
-__all__ = ["SpadTensor", "Requant", "Kernel", "conv2d", "pool2d", "KernelError", "memory_message"]
+__all__ = ["SpadTensor", "Requant", "Kernel", "conv2d", "pool2d", "KernelError", "memory_message", "dense_weights"]
 
 
 class KernelError(ValueError):
@@ -48,6 +48,17 @@ def memory_message(cfg: AccelConfig, memory: str, need: int, available: int | No
     if available is None or available == depth:
         return msg + f"{memory}_depth is {size(depth)}"
     return msg + f"{size(available)} of {memory}_depth {depth} are available"
+
+
+def dense_weights(w: np.ndarray, groups: int) -> np.ndarray:
+    """Grouped conv weights (Cout, Cin/groups, kh, kw) as dense (Cout, Cin, kh, kw): zero outside
+    each output channel's group (how the array sees them)."""
+    cout, cin_g, kh, kw = w.shape
+    dense = np.zeros((cout, cin_g * groups, kh, kw), w.dtype)
+    per = cout // groups
+    for g in range(groups):
+        dense[g * per:(g + 1) * per, g * cin_g:(g + 1) * cin_g] = w[g * per:(g + 1) * per]
+    return dense
 
 
 @dataclass(frozen=True)
@@ -150,11 +161,7 @@ def conv2d(cfg: AccelConfig, x: SpadTensor, y: SpadTensor, w: np.ndarray, rq: Re
     sh, sw = (1 if oh == 1 else sh), (1 if ow == 1 else sw)
     if not acc_out and (oh, ow) != (y.h, y.w):
         raise KernelError(f"conv output is {oh}x{ow}, y is {y.h}x{y.w}")
-    # Dense (Cout, Cin, kh, kw) weights, zero outside each output channel's group.
-    dense = np.zeros((cout, x.c, kh, kw), np.int64)
-    per_g = cout // groups
-    for g in range(groups):
-        dense[g * per_g:(g + 1) * per_g, g * cin_g:(g + 1) * cin_g] = w[g * per_g:(g + 1) * per_g]
+    dense = dense_weights(w, groups)
     acc_rows = cfg.acc_depth - acc_base if acc_rows is None else acc_rows
     if ow > acc_rows:
         raise KernelError(memory_message(cfg, "acc", ow, acc_rows, " for one output row"))

@@ -521,7 +521,7 @@ def _wrap(x: np.ndarray, bits: int) -> np.ndarray:
 def _int_conv_blocks(l: Layer, ql: QLayer, xq: np.ndarray, cfg: AccelConfig) -> np.ndarray:
     """A DSConv layer as the hardware sums it: each tile's (tap, channel block) sums, wrapped at
     ``acc_width`` like the array's, rescaled by its block scale, then accumulated (wrapping)."""
-    from .dsconv import dense_weights
+    from .kernels import dense_weights
 
     R = cfg.rows
     w = dense_weights(ql.w_q, l.groups).astype(np.float64)
