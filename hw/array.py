@@ -6,7 +6,7 @@ from amaranth.hdl import Module, Mux, Signal, signed
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
-from . import isa
+from . import isa, timing
 from .config import AccelConfig
 
 __all__ = ["IntPE", "PotPE", "HybridPE", "PE_CLASSES", "SystolicArray", "delay", "pot_product"]
@@ -47,9 +47,14 @@ class _PE(wiring.Component):
 
     Holds two weight registers (banks) so the next tile's weights load while this tile runs.
     Each cycle it passes the activation (and the bank bit travelling with it) to the right and
-    adds ``term + carry`` of ``product(weight[bank], activation)`` to the partial sum coming from
-    above (one adder: the 1-bit carry is its carry-in). All outputs
-    are registered, which makes every PE-to-PE path one multiply-add long at any array size.
+    registers ``term, carry = product(weight[bank], activation)``; the next cycle it adds that
+    registered ``term + carry`` to the partial sum coming from above (one adder: the 1-bit carry
+    is its carry-in). All outputs are registered, so every PE-to-PE path is either the bank mux
+    and one multiply (or shift) or one add, at any array size: on ECP5 the multiply sits in a
+    MULT18X18D, and routing into and out of it in one cycle with the adder capped the ULX3S
+    array at 49.8 MHz. The product register delays every column sum by one cycle
+    (``hw.timing.PE_STAGES``); the weight is still read when the activation arrives, so bank
+    reuse timing (``matmul_drain``) is unchanged.
 
     Ports
     -----
@@ -92,10 +97,17 @@ class _PE(wiring.Component):
                 m.d.sync += w0.eq(self.w_data)
         weight = Mux(self.bank_in, w1, w0)
         term, carry = self.product(weight, self.a_in)
+        p_term = Signal(term.shape(), name="p_term")
+        m.d.sync += p_term.eq(term)
+        if isinstance(carry, int):
+            p_carry = carry
+        else:
+            p_carry = Signal(name="p_carry")
+            m.d.sync += p_carry.eq(carry)
         m.d.sync += [
             self.a_out.eq(self.a_in),
             self.bank_out.eq(self.bank_in),
-            self.psum_out.eq(self.psum_in + term + carry),
+            self.psum_out.eq(self.psum_in + p_term + p_carry),
         ]
         if self.HAS_MODE:
             m.d.sync += self.pot_out.eq(self.pot_in)
@@ -140,7 +152,7 @@ class SystolicArray(wiring.Component):
 
     Row ``r`` holds reduction index ``r``; column ``c`` output channel ``c``. A vector presented
     on ``a_vec`` in cycle ``t`` appears, summed over rows, on ``psum`` in cycle
-    ``t + rows + cols - 1`` (all columns aligned). Weights are written one row per cycle with
+    ``t + latency(cfg)`` (``hw.timing.array_latency``; all columns aligned). Weights are written one row per cycle with
     ``w_we``/``w_row_idx``/``w_bank``; the bank bit of each vector travels with it through the
     PEs, so a bank can be rewritten while the other one is in use. The PEs are
     ``PE_CLASSES[cfg.pe_kind]``; ``a_pot`` (the vector's MATMUL ``pot`` field) travels with the
@@ -163,7 +175,7 @@ class SystolicArray(wiring.Component):
 
     @staticmethod
     def latency(cfg: AccelConfig) -> int:
-        return cfg.rows + cfg.cols - 1
+        return timing.array_latency(cfg)
 
     def elaborate(self, platform):
         m = Module()

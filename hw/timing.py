@@ -14,10 +14,21 @@ from . import isa
 from .config import AccelConfig
 from .isa import Opcode
 
-__all__ = ["FIRST_ISSUE", "preload_busy", "matmul_drain", "matmul_latency", "post_latency", "pool_latency", "CycleModel", "predict"]
+__all__ = ["FIRST_ISSUE", "PE_STAGES", "array_latency", "preload_busy", "matmul_drain", "matmul_latency", "post_latency", "pool_latency", "CycleModel", "predict"]
 
 #: Cycle in which the first instruction can issue: imem read (1) + decode register (1).
 FIRST_ISSUE = 2
+
+#: Registers a product crosses inside one PE: the product register (between the multiplier or
+#: shifter and the partial-sum adder) and the partial-sum register.
+PE_STAGES = 2
+
+
+def array_latency(cfg: AccelConfig) -> int:
+    """Cycles from a vector entering the systolic array until its column sums leave it (all
+    columns aligned): row skew (rows - 1) + one cycle per PE across (cols - 1) + ``PE_STAGES`` in
+    the last PE + de-skew, i.e. ``rows + cols - 2 + PE_STAGES``."""
+    return cfg.rows + cfg.cols - 2 + PE_STAGES
 
 
 def preload_busy(cfg: AccelConfig) -> int:
@@ -39,11 +50,11 @@ def matmul_drain(cfg: AccelConfig) -> int:
 def matmul_latency(cfg: AccelConfig) -> int:
     """Cycles from a MATMUL's last vector address cycle until the array pipeline is empty.
 
-    Spad read (1), mask register (1), array (rows + cols - 1, skew included), acc read (1),
-    acc write (1), plus the cycle in which an idle engine may issue; a ``block_scale`` config
-    adds the rescale multiply (1) and rounding shift (1).
+    Spad read (1), mask register (1), array (:func:`array_latency`, skew included), acc read
+    (1), acc write (1), plus the cycle in which an idle engine may issue; a ``block_scale``
+    config adds the rescale multiply (1) and rounding shift (1).
     """
-    return cfg.rows + cfg.cols + 3 + (2 if cfg.block_scale else 0)
+    return 4 + array_latency(cfg) + (2 if cfg.block_scale else 0)
 
 
 def post_latency(cfg: AccelConfig) -> int:

@@ -104,7 +104,8 @@ class PpuProof(Elaboratable):
 
 
 class PeProof(Elaboratable):
-    """Any PE kind: psum_out == psum_in + value(weight[bank]) * a (mod 2**acc_width), where value is
+    """Any PE kind: psum_out(t + 2) == psum_in(t + 1) + value(weight[bank](t)) * a(t) (mod
+    2**acc_width), where value is
     the two's-complement weight (int, or hybrid with pot=0) or the power of two a PoT code stands
     for (pot, or hybrid with pot=1): sign bit, magnitude k, k == 0 -> 0, else (-1)**sign * 2**(k-1).
     a, bank (and pot) pass through. Loaded PoT codes are assumed legal (k <= pot_max_exp + 1):
@@ -136,12 +137,16 @@ class PeProof(Elaboratable):
         m.d.comb += pot_val.eq(Mux(k == 0, 0, Mux(s, -(Const(1, signed(big + 1)) << e), Const(1, signed(big + 1)) << e)))
         mode = {"int": Const(0), "pot": Const(1)}.get(cfg.pe_kind, d.pot_in if cfg.pe_kind == "hybrid" else None)
         value = Mux(mode, pot_val, code)
-        full = Signal(signed(cfg.acc_width + big + cfg.act_ext_bits + 2))
-        m.d.comb += full.eq(d.psum_in + value * d.a_in)
+        # The product of the activation presented in cycle t meets the partial sum presented in
+        # cycle t + 1 (the PE's product register, hw.timing.PE_STAGES) and leaves in t + 2.
+        product = Signal(signed(big + cfg.w_bits + cfg.act_ext_bits + 2))
+        m.d.comb += product.eq(value * d.a_in)
+        full = Signal(signed(cfg.acc_width + len(product) + 1))
+        m.d.comb += full.eq(d.psum_in + _pipe(m, product, 1, "prod"))
         expect = _pipe(m, full[:cfg.acc_width].as_signed(), 1, "psum")
         a, b = _pipe(m, d.a_in, 1, "a"), _pipe(m, d.bank_in, 1, "b")
         p = _pipe(m, d.pot_in, 1, "p") if cfg.pe_kind == "hybrid" else None
-        with m.If(_valid_after(m, 1)):
+        with m.If(_valid_after(m, 2)):
             m.d.comb += [Assert(d.psum_out == expect), Assert(d.a_out == a), Assert(d.bank_out == b)]
             if p is not None:
                 m.d.comb += Assert(d.pot_out == p)
@@ -178,9 +183,10 @@ def test_pe_equals_spec(kind, wa):
     cfg = AccelConfig(rows=1, cols=1, w_bits=w, a_bits=a, pe_kind=kind)
     # k-induction cannot relate the reference weight registers to the PE's own (a state where they
     # differ is unreachable but self-consistent while the bank is idle), so this is bounded from
-    # reset. Every state of the PE (both weights, the output registers) is reachable within 3
-    # cycles (weights written in cycles 0 and 1, used in 2, seen in 3), so depth 5 covers them all.
-    _prove(f"pe_{kind}_w{w}a{a}", PeProof(cfg), depth=5, mode="bmc")
+    # reset. Every state of the PE (both weights, the product and output registers) is reachable
+    # within 4 cycles (weights written in cycles 0 and 1, used in 2, product registered in 3, sum
+    # seen in 4), so depth 6 covers them all.
+    _prove(f"pe_{kind}_w{w}a{a}", PeProof(cfg), depth=6, mode="bmc")
 
 
 _FAST_PE = {(2, 2), (4, 4), (8, 8), (2, 8)}

@@ -23,6 +23,42 @@ def _run(dut, bench):
     sim.run()
 
 
+async def _drive_pe(ctx, dut, cfg, steps, seed):
+    """Stream ``steps`` through one PE, one per cycle: ``("load", bank, value)`` writes a weight
+    bank; ``("mac", a, p, bank, pot, product)`` presents activation ``a`` (with its bank and, in a
+    hybrid PE, mode) and, the next cycle, partial sum ``p``: the PE's product register sits
+    between (``hw.timing.PE_STAGES``), so ``psum_out`` two cycles after ``a`` must be
+    ``p + product`` (mod ``2**acc_width``) while the next activation is already in the PE."""
+    pending = None  # the mac whose product is in the product register
+    for step in [*steps, None]:
+        ctx.set(dut.psum_in, pending[2] if pending else 0)
+        ctx.set(dut.w_we, 0)
+        mac = None
+        if step is None or step[0] == "load":
+            ctx.set(dut.a_in, 0)
+            if step is not None:
+                ctx.set(dut.w_we, 1)
+                ctx.set(dut.w_bank, step[1])
+                ctx.set(dut.w_data, step[2])
+        else:
+            mac = step
+            _, a, p, bank, pot, product = step
+            ctx.set(dut.a_in, a)
+            ctx.set(dut.bank_in, bank)
+            if dut.HAS_MODE:
+                ctx.set(dut.pot_in, pot)
+        await ctx.tick()
+        if pending is not None:
+            _, a, p, bank, pot, product = pending
+            got, want = ctx.get(dut.psum_out), int(wrap(p + product, cfg.acc_width))
+            assert got == want, f"seed {seed}: a={a} p={p} pot={pot} bank={bank}: {got} != {want}"
+        if mac is not None:
+            assert ctx.get(dut.a_out) == mac[1] and ctx.get(dut.bank_out) == mac[3]
+            if dut.HAS_MODE:
+                assert ctx.get(dut.pot_out) == mac[4]
+        pending = mac
+
+
 def _srange(bits):
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
@@ -42,22 +78,11 @@ def test_int_pe_multiply_accumulate(w_bits, a_bits):
     # Extremes: largest products and wrap-around of the partial sum.
     cases += [(alo, phi, 0), (ahi, plo, 1), (alo, plo, 1), (ahi, phi, 0)]
 
+    steps = [("load", bank, wv) for bank, wv in enumerate(weights)]
+    steps += [("mac", a, p, bank, 0, weights[bank] * a) for a, p, bank in cases]
+
     async def bench(ctx):
-        for bank, wv in enumerate(weights):
-            ctx.set(dut.w_we, 1)
-            ctx.set(dut.w_bank, bank)
-            ctx.set(dut.w_data, wv)
-            await ctx.tick()
-        ctx.set(dut.w_we, 0)
-        for a, p, bank in cases:
-            ctx.set(dut.a_in, a)
-            ctx.set(dut.psum_in, p)
-            ctx.set(dut.bank_in, bank)
-            await ctx.tick()
-            got = ctx.get(dut.psum_out)
-            want = int(wrap(p + weights[bank] * a, cfg.acc_width))
-            assert got == want, f"seed {seed}: a={a} p={p} bank={bank} w={weights[bank]}: {got} != {want}"
-            assert ctx.get(dut.a_out) == a and ctx.get(dut.bank_out) == bank
+        await _drive_pe(ctx, dut, cfg, steps, seed)
 
     _run(dut, bench)
 
@@ -125,28 +150,15 @@ def test_pot_and_hybrid_pe(kind, w_bits, a_bits, narrow):
     if kind == "pot":
         assert {int(isa.pot_decode(w, cfg)) for w in weights} == set(isa.pot_values(cfg).tolist())
 
+    steps, loaded = [], -1
+    for i, bank, a, p, pot, wv in plan:
+        if i != loaded:
+            steps.append(("load", i % 2, int(weights[i])))
+            loaded = i
+        steps.append(("mac", a, p, bank, pot, int(_want_product(cfg, wv, a, pot))))
+
     async def bench(ctx):
-        loaded = -1
-        for i, bank, a, p, pot, wv in plan:
-            if i != loaded:
-                ctx.set(dut.w_we, 1)
-                ctx.set(dut.w_bank, i % 2)
-                ctx.set(dut.w_data, int(weights[i]))
-                await ctx.tick()
-                ctx.set(dut.w_we, 0)
-                loaded = i
-            ctx.set(dut.a_in, a)
-            ctx.set(dut.psum_in, p)
-            ctx.set(dut.bank_in, bank)
-            if kind == "hybrid":
-                ctx.set(dut.pot_in, pot)
-            await ctx.tick()
-            want = int(wrap(p + _want_product(cfg, wv, a, pot), cfg.acc_width))
-            got = ctx.get(dut.psum_out)
-            assert got == want, f"seed {seed}: w={wv} a={a} p={p} pot={pot} bank={bank}: {got} != {want}"
-            assert ctx.get(dut.a_out) == a and ctx.get(dut.bank_out) == bank
-            if kind == "hybrid":
-                assert ctx.get(dut.pot_out) == pot
+        await _drive_pe(ctx, dut, cfg, steps, seed)
 
     _run(dut, bench)
 
