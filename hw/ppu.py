@@ -8,7 +8,7 @@ from amaranth.lib.wiring import In, Out
 
 from .config import AccelConfig
 
-__all__ = ["RequantLane"]
+__all__ = ["RequantLane", "RoundClamp"]
 
 
 class RequantLane(wiring.Component):
@@ -44,17 +44,50 @@ class RequantLane(wiring.Component):
             "y": Out(signed(a1)),
         })
 
+    @staticmethod
+    def prod_bits(cfg: AccelConfig) -> int:
+        """Width of the product register (the config guarantees it stays <= 63)."""
+        return cfg.acc_width + cfg.mult_bits + 3
+
     def elaborate(self, platform):
         m = Module()
         cfg = self._cfg
-        prod_bits = cfg.acc_width + cfg.mult_bits + 3  # config guarantees this stays <= 63
 
         t0 = Signal(signed(cfg.acc_width + 1))
         r0 = Signal(signed(cfg.a_bits + 1))
         m.d.sync += [t0.eq(self.acc + self.bias), r0.eq(self.res)]
 
-        prod = Signal(signed(prod_bits))
+        prod = Signal(signed(self.prod_bits(cfg)))
         m.d.sync += prod.eq(t0 * self.mult + r0 * self.res_mult)
+
+        m.submodules.round = rc = RoundClamp(cfg)
+        m.d.comb += [rc.prod.eq(prod), rc.shift.eq(self.shift), rc.zp.eq(self.zp), rc.lo.eq(self.lo),
+                     rc.hi.eq(self.hi), self.y.eq(rc.y)]
+        return m
+
+
+class RoundClamp(wiring.Component):
+    """Stages 3 and 4 of :class:`RequantLane`: ``y = clamp(zp + round_shift(prod, shift), lo, hi)``
+    (its own component so a formal check can take it alone at the real width)."""
+
+    LATENCY = 2
+
+    def __init__(self, cfg: AccelConfig):
+        self._cfg = cfg
+        a1 = cfg.a_bits + 1
+        super().__init__({
+            "prod": In(signed(RequantLane.prod_bits(cfg))),
+            "shift": In(unsigned(cfg.shift_bits)),
+            "zp": In(signed(a1)),
+            "lo": In(signed(a1)),
+            "hi": In(signed(a1)),
+            "y": Out(signed(a1)),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        prod_bits = RequantLane.prod_bits(self._cfg)
+        prod = self.prod
 
         # A shift beyond prod_bits + 1 rounds every product to 0, exactly like prod_bits + 1 does,
         # so saturating it keeps the rounding constant (and this stage) prod_bits + 2 wide.
