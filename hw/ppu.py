@@ -12,21 +12,25 @@ __all__ = ["RequantLane", "RoundClamp"]
 
 
 class RequantLane(wiring.Component):
-    """One output channel of the post-processing unit, four pipeline stages.
+    """One output channel of the post-processing unit, five pipeline stages.
 
     ``y = clamp(zp + round_shift((acc + bias) * mult + res * res_mult, shift), lo, hi)`` where
     ``round_shift`` rounds to nearest with ties away from zero (the rounding defined in
     ``sim/golden.py``): ``(x + 2**(shift-1) - (x < 0)) >> shift`` for ``shift > 0``.
 
-    ``acc``/``res`` enter every cycle; ``y`` is the result for the inputs of four cycles earlier.
+    ``acc``/``res`` enter every cycle; ``y`` is the result for the inputs of ``LATENCY`` cycles
+    earlier.
     ``bias``, ``mult``, ``res_mult``, ``shift``, ``zp``, ``lo``, ``hi`` must be stable while a
     stream is in flight (they are per-instruction / per-channel constants).
 
-    Stages: (1) bias add, (2) multiplies and residual add, (3) rounding shift, (4) zero point
-    and clamp. The multiply is the long path; it is alone in its stage.
+    Stages: (1) bias add, (2) the two multiplies, (3) their sum (the residual add), (4) rounding
+    shift, (5) zero point and clamp. The multiplies are alone in their stage: at the default
+    accumulator width ``(acc + bias) * mult`` spans several ECP5 MULT18X18Ds whose partial
+    products yosys adds in carry chains, and routing to the DSP column and back plus those chains
+    plus the residual add in one cycle was the ULX3S 8x8's critical path (49.9 MHz at 50).
     """
 
-    LATENCY = 4
+    LATENCY = 5
 
     def __init__(self, cfg: AccelConfig):
         self._cfg = cfg
@@ -57,8 +61,11 @@ class RequantLane(wiring.Component):
         r0 = Signal(signed(cfg.a_bits + 1))
         m.d.sync += [t0.eq(self.acc + self.bias), r0.eq(self.res)]
 
+        p_acc = Signal(signed(cfg.acc_width + cfg.mult_bits + 1))
+        p_res = Signal(signed(cfg.a_bits + cfg.mult_bits + 1))
+        m.d.sync += [p_acc.eq(t0 * self.mult), p_res.eq(r0 * self.res_mult)]
         prod = Signal(signed(self.prod_bits(cfg)))
-        m.d.sync += prod.eq(t0 * self.mult + r0 * self.res_mult)
+        m.d.sync += prod.eq(p_acc + p_res)
 
         m.submodules.round = rc = RoundClamp(cfg)
         m.d.comb += [rc.prod.eq(prod), rc.shift.eq(self.shift), rc.zp.eq(self.zp), rc.lo.eq(self.lo),

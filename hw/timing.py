@@ -13,6 +13,7 @@ from __future__ import annotations
 from . import isa
 from .config import AccelConfig
 from .isa import Opcode
+from .ppu import RequantLane
 
 __all__ = ["FIRST_ISSUE", "PE_STAGES", "array_latency", "preload_busy", "matmul_drain", "matmul_latency", "post_latency", "pool_latency", "CycleModel", "predict"]
 
@@ -58,9 +59,9 @@ def matmul_latency(cfg: AccelConfig) -> int:
 
 
 def post_latency(cfg: AccelConfig) -> int:
-    """Cycles from a POST row's acc read to its spad write: read, add bias, multiply, add
-    residual, round+shift, clamp+write."""
-    return 6
+    """Cycles from a POST row's acc read to its spad write: read (1), the requantization lane
+    (``hw.ppu.RequantLane.LATENCY``: bias, multiply, residual add, round+shift, clamp), write (1)."""
+    return 2 + RequantLane.LATENCY
 
 
 def pool_latency(cfg: AccelConfig) -> int:
