@@ -172,7 +172,11 @@ def low_bit_summary(prog) -> str:
     wm = prog.manifest["weight_memory"]
     bits = ", ".join(f"{n} W{w}A{a}" for n, (w, a) in q["layer_bits"].items())
     qat = f", QAT {q['qat']['method']} {q['qat']['epochs']} epochs" if q.get("qat") else ""
-    return f"; layer bits {bits}{qat}; packed weights {wm['bytes']} bytes, wmem {wm['wmem_bytes']} bytes"
+    narrow = any(w < prog.config.w_bits for w, _ in q["layer_bits"].values())
+    hint = (" (weights unpacked: build with --packed-weights to store each layer at its own width)"
+            if narrow and not prog.config.packed_weights else "")
+    return (f"; layer bits {bits}{qat}; packed weights {wm['bytes']} bytes, wmem {wm['wmem_bytes']} bytes "
+            f"in {wm['wmem_rows']} rows{hint}")
 
 
 def write_outputs(prog, out: Path, report: dict) -> None:

@@ -159,7 +159,7 @@ class ProgramBuilder:
 
     def conv2d(self, x: SpadTensor, w, rq: Requant, *, stride=(1, 1), padding=(0, 0), groups: int = 1,
                residual: SpadTensor | None = None, out_signed: bool = False, name: str = "conv",
-               pot: bool = False, block_scale=None) -> SpadTensor:
+               pot: bool = False, block_scale=None, pack_bits: int = 0) -> SpadTensor:
         w = np.asarray(w)
         kh, kw = w.shape[2:]
         oh = (x.h + 2 * padding[0] - kh) // stride[0] + 1
@@ -167,12 +167,13 @@ class ProgramBuilder:
         y = self.tensor(w.shape[0], oh, ow, out_signed, name)
         k = conv2d(self.cfg, x, y, w, rq, stride=stride, padding=padding, groups=groups,
                    w_base=self._w_rows, param_base=self._p_rows, residual=residual, pot=pot,
-                   block_scale=block_scale)
+                   block_scale=block_scale, pack_bits=pack_bits)
         self.add(k, name)
         return y
 
     def conv2d_to_acc(self, x: SpadTensor, w, *, stride=(1, 1), padding=(0, 0), groups: int = 1,
-                      acc_base: int = 0, name: str = "conv", pot: bool = False, block_scale=None) -> dict:
+                      acc_base: int = 0, name: str = "conv", pot: bool = False, block_scale=None,
+                      pack_bits: int = 0) -> dict:
         """A conv whose raw accumulators stay in acc (block ``j`` at ``acc_base + j*oh*ow``)."""
         w = np.asarray(w)
         kh, kw = w.shape[2:]
@@ -181,7 +182,7 @@ class ProgramBuilder:
         zero = Requant(bias=0, mult=0, shift=0, zp=0, lo=0, hi=0)
         k = conv2d(self.cfg, x, SpadTensor(0, w.shape[0], oh, ow), w, zero, stride=stride, padding=padding,
                    groups=groups, w_base=self._w_rows, param_base=self._p_rows, acc_base=acc_base,
-                   acc_out=True, pot=pot, block_scale=block_scale)
+                   acc_out=True, pot=pot, block_scale=block_scale, pack_bits=pack_bits)
         if not self.cfg.block_scale:  # no POST: only block-scale rows would be read
             k.params = None
         self.add(k, name)

@@ -126,7 +126,7 @@ def _post_segments(cfg: AccelConfig, j: int, cout: int):
 def conv2d(cfg: AccelConfig, x: SpadTensor, y: SpadTensor, w: np.ndarray, rq: Requant, *,
            stride=(1, 1), padding=(0, 0), groups: int = 1, w_base: int = 0, param_base: int = 0,
            acc_base: int = 0, acc_rows: int | None = None, residual: SpadTensor | None = None,
-           acc_out: bool = False, pot: bool = False, block_scale=None) -> Kernel:
+           acc_out: bool = False, pot: bool = False, block_scale=None, pack_bits: int = 0) -> Kernel:
     """Convolution (and, with a 1x1 kernel on a 1xM image, a GEMM) into ``y``.
 
     ``w`` has shape (Cout, Cin/groups, kh, kw), signed integers of ``cfg.w_bits``. For each
@@ -147,6 +147,10 @@ def conv2d(cfg: AccelConfig, x: SpadTensor, y: SpadTensor, w: np.ndarray, rq: Re
     channel blocks, so each weight tile (one tap, one channel block, one output block) gets its
     own row after the requantization rows. Without it, every MATMUL uses one identity row
     (mult 1, shift 0).
+
+    With ``pack_bits = k`` (1..w_bits-1, a ``packed_weights`` config, INT weights of ``k`` bits)
+    each tile's rows are stored packed (:func:`hw.isa.pack_weights`: ``w_bits // k`` rows per
+    wmem row) and its PRELOADs carry ``pack_bits``, so the layer takes fewer wmem rows.
     """
     R, C = cfg.rows, cfg.cols
     w = np.asarray(w, np.int64)
@@ -169,6 +173,14 @@ def conv2d(cfg: AccelConfig, x: SpadTensor, y: SpadTensor, w: np.ndarray, rq: Re
     n_blocks = -(-cout // C)
     if acc_out and n_blocks * oh * ow > acc_rows:
         raise KernelError(memory_message(cfg, "acc", n_blocks * oh * ow, acc_rows, " for the raw output"))
+    if pack_bits:
+        try:
+            isa.check_pack_bits(cfg, pack_bits)
+        except isa.PackError as e:
+            raise KernelError(str(e)) from None
+        if pot:
+            raise KernelError(f"packed weights (pack_bits {pack_bits}) hold INT weights only: a PoT code is "
+                              "sign and magnitude, so a sign-extended narrow code is not the w_bits code")
     k = Kernel(params=_param_rows(cfg, rq, cout))
     n_cb = x.blocks(cfg)
     if block_scale is not None and not cfg.block_scale:
@@ -205,20 +217,25 @@ def conv2d(cfg: AccelConfig, x: SpadTensor, y: SpadTensor, w: np.ndarray, rq: Re
                     rows = np.zeros((blk.shape[1], C), np.int64)
                     rows[:, :blk.shape[0]] = blk.T
                     srow = scale_row(j, dy, dx, cb) if cfg.block_scale else 0
-                    tiles.append((dy, dx, cb, wcount, rows, srow))
+                    tiles.append((dy, dx, cb, wcount, len(rows), srow))
+                    if pack_bits:
+                        try:
+                            rows = isa.pack_weights(cfg, pack_bits, rows)
+                        except isa.PackError as e:
+                            raise KernelError(f"pack_bits {pack_bits}: {e}") from None
                     wrows.append(rows)
                     wcount += len(rows)
         if not tiles:  # an all-zero block still needs its acc rows cleared
-            tiles.append((0, 0, 0, wcount, np.zeros((0, C), np.int64), scale_row(j, 0, 0, 0) if cfg.block_scale else 0))
+            tiles.append((0, 0, 0, wcount, 0, scale_row(j, 0, 0, 0) if cfg.block_scale else 0))
         for r0 in range(0, oh, rows_per_chunk):
             r1 = min(oh, r0 + rows_per_chunk)
             top = r0 * sh - ph  # input row of window tap 0 for output row r0
             skip = max(0, top)
             base = acc_base + j * oh * ow if acc_out else acc_base
-            for t, (dy, dx, cb, woff, rows, srow) in enumerate(tiles):
+            for t, (dy, dx, cb, woff, n_rows, srow) in enumerate(tiles):
                 bank = tile % 2
                 tile += 1
-                k.instrs.append(isa.preload(bank=bank, w_addr=w_base + woff, n_rows=len(rows)))
+                k.instrs.append(isa.preload(bank=bank, w_addr=w_base + woff, n_rows=n_rows, pack_bits=pack_bits))
                 k.instrs.append(isa.matmul(
                     bank=bank, accumulate=t > 0, a_signed=x.signed,
                     spad_base=x.block_base(cfg, cb) + skip * x.w, in_h=x.h - skip, in_w=x.w,

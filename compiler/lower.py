@@ -16,6 +16,11 @@ hardware's PoT codes and run with MATMUL ``pot = 1``; an ``int`` accelerator ref
 ``pot`` accelerator refuses integer layers (:class:`PotLayerError`, naming the layer). The
 manifest's ``weight_memory`` and each layer's ``weights`` entry report the weight storage: the
 number format's bytes (weights x code bits) and the wmem rows/bytes the program really uses.
+
+Packed weights: on a ``packed_weights`` config an INT (or DSConv) layer whose weights are
+narrower than ``w_bits`` (mixed precision, or a model quantized below the array's width) is
+stored ``w_bits // k`` rows per wmem row and preloaded with ``pack_bits = k``; its ``weights``
+entry says ``stored_bits`` (``k``; ``w_bits`` when unpacked) and the real, smaller ``wmem_rows``.
 """
 
 from __future__ import annotations
@@ -129,6 +134,17 @@ def _check_pe_kind(cfg, name: str, pot: bool) -> None:
                                   "weight_method inq/doubleq/doubleqext, or use pe_kind hybrid)")
 
 
+def _pack_bits(qg: QGraph, ql) -> int:
+    """PRELOAD ``pack_bits`` of a conv layer: its weight width when that is narrower than the
+    array's on a ``packed_weights`` config, else 0 (unpacked). PoT layers stay unpacked (a PoT
+    code is sign and magnitude; see :func:`hw.isa.pack_weights`)."""
+    cfg = qg.config
+    if not cfg.packed_weights or getattr(ql, "pot", False):
+        return 0
+    k = int(getattr(ql, "code_bits", None) or qg.w_bits)
+    return k if k < cfg.w_bits else 0
+
+
 def _weight_info(qg: QGraph, l, ql, wmem_rows: int) -> dict:
     """Weight storage of one conv layer: format bytes and the wmem it really takes."""
     cfg = qg.config
@@ -141,7 +157,8 @@ def _weight_info(qg: QGraph, l, ql, wmem_rows: int) -> dict:
         scale_bits = ql.block_mult.shape[0] * -(-l.weight.shape[1] * l.groups // blk) \
             * int(np.prod(ql.block_mult.shape[2:])) * (cfg.mult_bits + cfg.shift_bits)
     return {"format": fmt, "count": n, "bits": bits,
-            "bytes": -(-(n * bits + scale_bits) // 8), "wmem_rows": wmem_rows,
+            "bytes": -(-(n * bits + scale_bits) // 8), "stored_bits": _pack_bits(qg, ql) or cfg.w_bits,
+            "wmem_rows": wmem_rows,
             "wmem_bytes": -(-wmem_rows * cfg.cols * cfg.w_bits // 8)}
 
 
@@ -266,7 +283,8 @@ def _lower(qg: QGraph, layers, reuse_spad: bool, quant, first) -> Program:
             elif l.kind == "conv" and l.name == graph.output:
                 x = tensors[l.inputs[0]]
                 out_info = b.conv2d_to_acc(x, ql.w_q, stride=l.stride, padding=l.padding, groups=l.groups,
-                                           name=l.name, pot=pot, block_scale=_block_scale(ql))
+                                           name=l.name, pot=pot, block_scale=_block_scale(ql),
+                                           pack_bits=_pack_bits(qg, ql))
                 xs = qg.layers[l.inputs[0]].scale
                 out_info.update(bias_q=ql.bias_q.tolist(), scales=(xs * ql.w_scale).tolist())
             elif l.kind == "conv":
@@ -279,7 +297,7 @@ def _lower(qg: QGraph, layers, reuse_spad: bool, quant, first) -> Program:
                 tensors[l.name] = b.conv2d(x, w_q, rq, stride=stride, padding=padding, groups=l.groups,
                                            residual=tensors[l.residual] if l.residual else None,
                                            out_signed=ql.signed, name=l.name, pot=pot,
-                                           block_scale=_block_scale(ql))
+                                           block_scale=_block_scale(ql), pack_bits=_pack_bits(qg, ql))
             elif l.kind in ("maxpool", "avgpool"):
                 mode = PoolMode.MAX if l.kind == "maxpool" else PoolMode.AVG
                 tensors[l.name] = b.pool2d(tensors[l.inputs[0]], mode, l.kernel, stride=l.stride,

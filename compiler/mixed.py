@@ -20,10 +20,13 @@ enter a weight-memory budget, and on Quarry's array the cycle count does not dep
 layer's bit width (the PE width is fixed; :func:`hw.timing.predict` sees the same instructions),
 so a cycle budget cannot trade bits either: activation bits are the global width unless pinned.
 
-Hardware: a layer's bits may be anything from 2 to the PE width. Its codes are stored in the
-``w_bits``-wide weight memory as they are (sign-extended); the manifest reports both the packed
-bytes (``weights.bytes`` = weights x the layer's bits: what a packed ROM would hold) and the
-physical wmem bytes (``weights.wmem_bytes``).
+Hardware: a layer's bits may be anything from 2 to the PE width. On a ``packed_weights``
+accelerator (``hw.build --packed-weights``) a layer of ``k < w_bits`` bits is stored
+``w_bits // k`` weights per ``w_bits`` wmem lane and unpacked by the loader (PRELOAD
+``pack_bits``, :func:`hw.isa.pack_weights`), so the weight memory really shrinks; without it its
+codes fill one ``w_bits`` lane each (sign-extended). The manifest reports both the format bytes
+(``weights.bytes`` = weights x the layer's bits) and the physical wmem rows/bytes
+(``weights.wmem_rows``/``wmem_bytes``; ``weights.stored_bits`` is the width in wmem).
 """
 
 from __future__ import annotations

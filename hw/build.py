@@ -1,7 +1,8 @@
 """``python -m hw.build``: generate the accelerator's Verilog for a configuration.
 
 Writes ``OUT/quarry_top.v``, ``OUT/config.json`` and ``OUT/build.json`` (config, PE count,
-memory sizes, Verilog line count, generation seconds). Bad options exit 2 with one line.
+whether weights may be stored packed, memory sizes, Verilog line count, generation seconds).
+Bad options exit 2 with one line.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def build(cfg: AccelConfig, out: Path, rom: Path | None = None) -> dict:
         "config_hash": cfg.hash,
         "pe_kind": cfg.pe_kind,
         "pe_count": cfg.pe_count,
+        "packed_weights": cfg.packed_weights,
         "acc_width": cfg.acc_width,
         "memory_bits": cfg.memory_bits(),
         "verilog_lines": text.count("\n"),
@@ -87,7 +89,7 @@ def config_from_args(args) -> AccelConfig:
     if args.abits is not None:
         kw["a_bits"] = args.abits
     for name in ("pe_kind", "spad_depth", "acc_depth", "wmem_depth", "imem_depth", "param_depth", "acc_bits",
-                 "block_scale"):
+                 "block_scale", "packed_weights"):
         v = getattr(args, name)
         if v is not None:
             kw[name] = v
@@ -105,6 +107,9 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--acc-bits", dest="acc_bits", type=int, help="accumulator width (default: derived)")
     p.add_argument("--block-scale", dest="block_scale", action="store_true", default=None,
                    help="DSConv block rescaling in the accumulator path (for --weight-method dsconv)")
+    p.add_argument("--packed-weights", dest="packed_weights", action="store_true", default=None,
+                   help="store weights narrower than w_bits packed in wmem (PRELOAD pack_bits; "
+                        "mixed precision and low-bit models take fewer weight rows)")
 
 
 class _Parser(argparse.ArgumentParser):

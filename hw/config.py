@@ -49,7 +49,7 @@ def _clog2(n: int) -> int:
 
 
 #: Fields added after the first release, with the default that means "as before".
-_LATER_FIELDS = {"block_scale": False}
+_LATER_FIELDS = {"block_scale": False, "packed_weights": False}
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,10 @@ class AccelConfig:
     #: the per-lane ``mult`` and rounding-shifted by ``shift`` of param row ``scale_addr`` before
     #: they are accumulated (2 more pipeline stages, ``cols`` multipliers).
     block_scale: bool = False
+    #: Packed weight storage: PRELOAD's ``pack_bits`` field (``hw.isa``) lets one wmem row hold
+    #: ``w_bits // k`` array rows of ``k``-bit INT weights, sign-extended by the loader on their
+    #: way to the array (a field selector per column; PRELOAD timing is unchanged).
+    packed_weights: bool = False
 
     def __post_init__(self):
         def check_int(name, lo, hi):
@@ -101,8 +105,9 @@ class AccelConfig:
         check_int("cols", 1, _MAX_DIM)
         check_int("w_bits", _MIN_BITS, _MAX_BITS)
         check_int("a_bits", _MIN_BITS, _MAX_BITS)
-        if not isinstance(self.block_scale, bool):
-            raise ConfigError("block_scale", f"block_scale must be true or false, not {self.block_scale!r}")
+        for name in ("block_scale", "packed_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(name, f"{name} must be true or false, not {getattr(self, name)!r}")
         if self.pe_kind not in PE_KINDS:
             raise ConfigError("pe_kind", f"pe_kind must be one of {', '.join(PE_KINDS)}, not {self.pe_kind!r}")
         for name in ("spad_depth", "acc_depth", "wmem_depth", "imem_depth", "param_depth"):
@@ -285,4 +290,5 @@ class AccelConfig:
     def describe(self) -> str:
         return (f"{self.rows}x{self.cols} {self.pe_kind} W{self.w_bits}A{self.a_bits} "
                 f"acc{self.acc_width} spad{self.spad_depth} accmem{self.acc_depth} "
-                f"wmem{self.wmem_depth} imem{self.imem_depth}" + (" blockscale" if self.block_scale else ""))
+                f"wmem{self.wmem_depth} imem{self.imem_depth}" + (" blockscale" if self.block_scale else "")
+                + (" packed" if self.packed_weights else ""))

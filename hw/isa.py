@@ -12,7 +12,14 @@ Machine model (see ``docs/ISA.md``, generated from this file):
   (C, H, W) is stored as ``ceil(C / rows)`` channel blocks, each ``H*W`` consecutive rows.
 * **wmem** — weight memory, rows of ``cols`` ``w_bits`` weights; row ``k`` holds the weights of
   reduction index ``k`` for ``cols`` output channels. A lane is a signed integer weight, or (for
-  a MATMUL with ``pot = 1``) a power-of-two weight code (``pot_code_layout``).
+  a MATMUL with ``pot = 1``) a power-of-two weight code (``pot_code_layout``). On a
+  ``packed_weights`` config a PRELOAD with ``pack_bits = k`` reads lanes that each hold
+  ``p = w_bits // k`` narrower INT weights (``packed_lane_layout``: field ``f`` at bits
+  ``f*k .. f*k + k - 1``, the top ``w_bits - p*k`` bits 0) of ``p`` consecutive bank rows; the
+  loader sign-extends each field to ``w_bits`` (one wmem read per bank row as unpacked, so
+  PRELOAD takes the same cycles). Packing is for INT weights only: a PoT code is sign and
+  magnitude, so a sign-extended narrow code is not the ``w_bits`` code of the same weight; the
+  compiler keeps PoT layers unpacked (``compiler.kernels.conv2d`` refuses to pack them).
 * **acc** — accumulator memory, rows of ``cols`` signed ``acc_width`` accumulators.
 * **param** — per-channel requantization parameters, rows of ``cols`` lanes.
 * two weight banks in the array (double buffering): ``PRELOAD`` fills one while ``MATMUL`` uses
@@ -36,6 +43,7 @@ __all__ = [
     "wmem_row_layout", "spad_row_layout", "acc_row_layout", "param_lane_layout", "param_row_layout",
     "HostMem", "host_row_bits", "host_depths", "host_data_bits", "host_addr_bits",
     "pot_code_layout", "pot_values", "pot_encode", "pot_decode", "PotError", "POT_MODES", "check_pot_mode",
+    "packed_lane_layout", "pack_factor", "pack_weights", "unpack_weights", "PackError", "check_pack_bits",
     "encode", "decode", "OPCODE_BITS", "STRIDE_BITS", "OFFSET_BITS", "KERNEL_BITS", "POOL_SHIFT_BITS",
 ]
 
@@ -82,6 +90,10 @@ class PotError(IsaError):
     """A value is not a PoT weight of the config, or a code is not a legal PoT code."""
 
 
+class PackError(IsaError):
+    """A packed-weight width ``k`` is not legal for the config, or a weight does not fit ``k`` bits."""
+
+
 @dataclass(frozen=True)
 class Field:
     name: str
@@ -109,6 +121,11 @@ FIELDS: dict[Opcode, tuple[Field, ...]] = {
         _f("bank", 1, "weight bank to fill"),
         _f("w_addr", lambda c: c.wmem_addr_bits, "first wmem row"),
         _f("n_rows", lambda c: c.row_count_bits, "rows to load (0..rows); bank rows >= n_rows become 0"),
+        # Last, and 0 bits unless packed_weights: every other config's words are unchanged.
+        _f("pack_bits", lambda c: (c.w_bits - 1).bit_length() if c.packed_weights else 0,
+           "packed_weights configs only (else 0 bits): 0 = one w_bits weight per lane; k in "
+           "1..w_bits-1 = every lane holds p = w_bits // k k-bit two's-complement INT weights "
+           "(packed_lane_layout), bank row i is field i % p of wmem row w_addr + i // p, sign-extended"),
     ),
     Opcode.MATMUL: (
         _f("bank", 1, "weight bank to multiply with"),
@@ -210,6 +227,96 @@ def pot_code_layout(cfg: AccelConfig) -> data.StructLayout:
     with an arithmetic shift of the activation by ``k - 1``.
     """
     return data.StructLayout({"mag": unsigned(cfg.w_bits - 1), "sign": unsigned(1)})
+
+
+def _check_k(cfg: AccelConfig, k) -> int:
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= cfg.w_bits:
+        raise PackError(f"packed weight width must be an integer in 1..w_bits ({cfg.w_bits}), not {k!r}")
+    return int(k)
+
+
+@functools.lru_cache(maxsize=None)
+def packed_lane_layout(cfg: AccelConfig, k: int) -> data.ArrayLayout:
+    """One ``w_bits`` wmem lane holding ``p = w_bits // k`` signed ``k``-bit weights (LSB first).
+
+    Field ``f`` belongs to bank row ``f`` of the lane's group of ``p`` rows; the top
+    ``w_bits - p*k`` bits are 0. ``k == w_bits`` is one field: the unpacked lane.
+    """
+    k = _check_k(cfg, k)
+    return data.ArrayLayout(signed(k), cfg.w_bits // k)
+
+
+def pack_factor(cfg: AccelConfig, pack_bits: int) -> int:
+    """Bank rows per wmem row for a PRELOAD ``pack_bits`` value (0: unpacked, 1 row)."""
+    return 1 if pack_bits == 0 else packed_lane_layout(cfg, pack_bits).length
+
+
+def check_pack_bits(cfg: AccelConfig, pack_bits: int) -> None:
+    """Raise :class:`PackError` unless a PRELOAD with this ``pack_bits`` runs on ``cfg``."""
+    if pack_bits == 0:
+        return
+    if not cfg.packed_weights:
+        raise PackError(f"PRELOAD.pack_bits = {pack_bits} needs a packed_weights config "
+                        f"(hw.build --packed-weights); {cfg.describe()} has none")
+    if not 1 <= pack_bits < cfg.w_bits:
+        raise PackError(f"PRELOAD.pack_bits = {pack_bits} must be 0 (unpacked) or 1..{cfg.w_bits - 1} "
+                        f"(narrower than w_bits {cfg.w_bits})")
+
+
+def _lane_patterns(cfg: AccelConfig, lanes) -> np.ndarray:
+    v = np.asarray(lanes)
+    if v.dtype.kind not in "iu":
+        raise PackError(f"wmem lanes must be integers, not {v.dtype} values")
+    v = v.astype(np.int64)
+    lo, hi = -(1 << (cfg.w_bits - 1)), (1 << cfg.w_bits) - 1
+    if v.size and (v.min() < lo or v.max() > hi):
+        bad = v[(v < lo) | (v > hi)].flat[0]
+        raise PackError(f"wmem lane {int(bad)} does not fit w_bits {cfg.w_bits} ({lo}..{hi})")
+    return v & ((1 << cfg.w_bits) - 1)
+
+
+def pack_weights(cfg: AccelConfig, k: int, rows) -> np.ndarray:
+    """Pack bank rows of ``k``-bit INT weights into wmem rows (the ROM image's lane values).
+
+    ``rows`` is ``(n, cols)`` signed integers in ``-2**(k-1) .. 2**(k-1) - 1``; row ``i`` goes
+    to field ``i % p`` of wmem row ``i // p`` (:func:`packed_lane_layout`), a last partial group
+    leaves its fields 0. Returns ``(ceil(n / p), cols)`` signed ``w_bits`` lane values, which
+    ``pack_rows(wmem_row_layout(cfg), ...)`` writes like any wmem rows. :func:`unpack_weights`
+    (the golden model's loader) inverts it; the RTL loader selects the same fields.
+    """
+    lay = packed_lane_layout(cfg, k)
+    v = np.asarray(rows)
+    if v.dtype.kind not in "iu" or v.ndim != 2:
+        raise PackError(f"weights to pack must be an (n, cols) integer array, not {v.dtype} {v.shape}")
+    v = v.astype(np.int64)
+    lo, hi = -(1 << (k - 1)), (1 << (k - 1)) - 1
+    if v.size and (v.min() < lo or v.max() > hi):
+        bad = v[(v < lo) | (v > hi)].flat[0]
+        raise PackError(f"weight {int(bad)} does not fit {k} bits ({lo}..{hi})")
+    p = lay.length
+    n = -(-len(v) // p)
+    groups = np.zeros((n * p, v.shape[1]), np.int64)
+    groups[:len(v)] = v
+    groups = groups.reshape(n, p, v.shape[1])
+    out = np.zeros((n, v.shape[1]), np.int64)
+    for f, fld in lay:
+        out |= (groups[:, f] & ((1 << fld.width) - 1)) << fld.offset
+    return np.where(out >> (cfg.w_bits - 1), out - (1 << cfg.w_bits), out)  # lane values are signed
+
+
+def unpack_weights(cfg: AccelConfig, k: int, lanes) -> np.ndarray:
+    """Bank rows of wmem rows packed at ``k`` bits: ``(m, cols)`` lane values (signed or raw
+    ``w_bits`` patterns) -> ``(m * p, cols)`` weights, each field sign-extended."""
+    lay = packed_lane_layout(cfg, k)
+    pat = _lane_patterns(cfg, lanes)
+    if pat.ndim != 2:
+        raise PackError(f"wmem rows to unpack must be an (m, cols) array, not shape {pat.shape}")
+    out = np.zeros((pat.shape[0], lay.length, pat.shape[1]), np.int64)
+    for f, fld in lay:
+        w = fld.width
+        x = (pat >> fld.offset) & ((1 << w) - 1)
+        out[:, f] = np.where(x >> (w - 1), x - (1 << w), x)
+    return out.reshape(-1, pat.shape[1])
 
 
 #: Marks an illegal code in the decode table (no weight is this value).
@@ -375,9 +482,14 @@ class Instr:
         for name, v in self.args.items():
             lo, hi = _range(lay[name].shape)
             if not lo <= v <= hi:
-                raise IsaError(f"{self.op.name}.{name} = {v} does not fit ({lo}..{hi}) for {cfg.describe()}")
+                why = ("; packed weights need a packed_weights config (hw.build --packed-weights)"
+                       if name == "pack_bits" and not cfg.packed_weights else "")
+                raise (PackError if why else IsaError)(
+                    f"{self.op.name}.{name} = {v} does not fit ({lo}..{hi}) for {cfg.describe()}{why}")
         if self.op is Opcode.MATMUL:
             check_pot_mode(cfg, self.args["pot"])
+        if self.op is Opcode.PRELOAD:
+            check_pack_bits(cfg, self.args["pack_bits"])
 
     def encode(self, cfg: AccelConfig) -> int:
         self.check(cfg)
@@ -436,8 +548,8 @@ def sync() -> Instr:
     return Instr(Opcode.SYNC)
 
 
-def preload(*, bank: int, w_addr: int, n_rows: int) -> Instr:
-    return Instr(Opcode.PRELOAD, dict(bank=bank, w_addr=w_addr, n_rows=n_rows))
+def preload(*, bank: int, w_addr: int, n_rows: int, pack_bits: int = 0) -> Instr:
+    return Instr(Opcode.PRELOAD, dict(bank=bank, w_addr=w_addr, n_rows=n_rows, pack_bits=pack_bits))
 
 
 def matmul(*, bank: int, spad_base: int, acc_base: int, in_h: int = 1, in_w: int, out_h: int = 1,

@@ -5,7 +5,8 @@ Engines and what they own:
 * **front end** — fetches one instruction per cycle from imem and issues it when its engine
   and its hazards allow (rules in :mod:`hw.timing`, mirrored by the cycle model in
   ``sim.golden``). Instructions issue in program order.
-* **loader** (PRELOAD) — copies weight rows wmem -> one bank of the array, one row per cycle.
+* **loader** (PRELOAD) — copies weight rows wmem -> one bank of the array, one row per cycle
+  (on a ``packed_weights`` config, unpacking ``pack_bits``-wide fields on the way).
 * **matmul engine** (MATMUL) — 2-D window address generator over spad with zero padding; one
   vector per cycle into the array; the array's sums are added into (or overwrite) acc rows.
   Each vector carries its MATMUL's ``bank`` and ``pot`` bits through the array, so the next
@@ -221,8 +222,28 @@ class QuarryTop(wiring.Component):
             m.d.sync += [ld_busy.eq(1), ld_bank.eq(a_pre.bank), ld_addr.eq(a_pre.w_addr),
                          ld_n.eq(a_pre.n_rows), ld_idx.eq(0)]
         reading = ld_busy & (ld_idx < R)
+        if cfg.packed_weights:
+            # Packed rows: still one wmem read per bank row (PRELOAD timing does not depend on
+            # the packing), of the word holding the row; the word address steps every p rows.
+            # ``ld_f`` is the row's field in that word, ``ld_wr_f`` the field written next cycle.
+            maxp = max(isa.pack_factor(cfg, k) for k in range(1, cfg.w_bits))
+            ld_pack = Signal(range(cfg.w_bits))
+            ld_plast = Signal(range(maxp))  # p - 1
+            ld_f = Signal(range(maxp))
+            ld_wr_f = Signal(range(maxp))
+            plast = Array(Const(isa.pack_factor(cfg, k) - 1, range(maxp)) for k in range(cfg.w_bits))
+            with m.If(issue & (op == Opcode.PRELOAD)):
+                m.d.sync += [ld_pack.eq(a_pre.pack_bits), ld_plast.eq(plast[a_pre.pack_bits]), ld_f.eq(0)]
+            with m.If(reading):
+                m.d.comb += wmem_r.addr.eq(ld_addr)
+                m.d.sync += ld_wr_f.eq(ld_f)
+                with m.If(ld_f == ld_plast):
+                    m.d.sync += [ld_f.eq(0), ld_addr.eq(ld_addr + 1)]
+                with m.Else():
+                    m.d.sync += ld_f.eq(ld_f + 1)
         with m.If(reading):
-            m.d.comb += wmem_r.addr.eq(ld_addr + ld_idx)
+            if not cfg.packed_weights:
+                m.d.comb += wmem_r.addr.eq(ld_addr + ld_idx)
             m.d.sync += [ld_idx.eq(ld_idx + 1), ld_wr.eq(1), ld_wr_idx.eq(ld_idx), ld_wr_zero.eq(ld_idx >= ld_n)]
         with m.Else():
             m.d.sync += ld_wr.eq(0)
@@ -292,6 +313,21 @@ class QuarryTop(wiring.Component):
 
         # Weight writes from the loader.
         wrow = data.View(isa.wmem_row_layout(cfg), wmem_r.data)
+        if cfg.packed_weights:
+            # Unpack: field ld_wr_f of each lane (isa.packed_lane_layout for the PRELOAD's
+            # pack_bits), sign-extended to w_bits; pack_bits 0 passes the lane through.
+            unpacked = Signal(isa.wmem_row_layout(cfg))
+            for c in range(C):
+                lane = wrow[c].as_unsigned()
+                with m.Switch(ld_pack):
+                    for k in range(1, cfg.w_bits):
+                        lay = isa.packed_lane_layout(cfg, k)
+                        fields = data.View(lay, lane[:lay.size])
+                        with m.Case(k):
+                            m.d.comb += unpacked[c].eq(Array(fields[f] for f in range(lay.length))[ld_wr_f])
+                    with m.Default():
+                        m.d.comb += unpacked[c].eq(wrow[c])
+            wrow = unpacked
         m.d.comb += [arr.w_we.eq(ld_wr), arr.w_bank.eq(ld_bank), arr.w_row_idx.eq(ld_wr_idx)]
         for c in range(C):
             m.d.comb += arr.w_row[c].eq(Mux(ld_wr_zero, 0, wrow[c]))

@@ -14,6 +14,10 @@ i.e. ``x / 2**s`` rounded to nearest, halves away from zero (gemmlowp's ``Roundi
 tie rule, applied once to the full product instead of after a high-multiply). It costs one adder
 with a sign-dependent constant in hardware and is more accurate than gemmlowp's double rounding.
 
+Packed weights (PRELOAD with ``pack_bits = k`` on a ``packed_weights`` config): bank row ``i``
+is field ``i % p`` (``p = w_bits // k``) of wmem row ``w_addr + i // p``, sign-extended from
+``k`` bits (:func:`hw.isa.unpack_weights`, the helper that also packs the ROM).
+
 Block rescaling (MATMUL on a ``block_scale`` config, DSConv), per lane, before the sums are
 accumulated (wrapping at ``acc_width`` like every accumulation)::
 
@@ -165,13 +169,18 @@ class Machine:
             raise GoldenError(f"{what} rows {lo}..{hi - 1} outside 0..{depth - 1}")
 
     def _preload(self, a) -> int:
-        R = self.cfg.rows
-        n = a["n_rows"]
+        cfg = self.cfg
+        R = cfg.rows
+        n, k = a["n_rows"], a["pack_bits"]
         if n > R:
             raise GoldenError(f"n_rows {n} > rows {R}")
-        self._check("wmem", a["w_addr"], a["w_addr"] + n, self.cfg.wmem_depth)
-        bank = np.zeros((R, self.cfg.cols), np.int64)
-        bank[:n] = self.wmem[a["w_addr"]:a["w_addr"] + n]
+        isa.check_pack_bits(cfg, k)
+        p = isa.pack_factor(cfg, k)  # bank rows per wmem row
+        words = -(-n // p)
+        self._check("wmem", a["w_addr"], a["w_addr"] + words, cfg.wmem_depth)
+        rows = self.wmem[a["w_addr"]:a["w_addr"] + words]
+        bank = np.zeros((R, cfg.cols), np.int64)
+        bank[:n] = (isa.unpack_weights(cfg, k, rows) if k else rows)[:n]
         self.banks[a["bank"]] = bank
         return 0
 

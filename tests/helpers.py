@@ -35,7 +35,7 @@ from hw.program import Program, ProgramError, pack_rows
 __all__ = [
     "Case", "CaseError", "ConvSpec", "PoolSpec", "Builder", "MAX_INSTRS",
     "act_range", "w_range", "WEIGHT_MODES", "weight_values", "pick_weight_mode", "use_pot",
-    "rand_acts", "rand_weights", "random_requant", "random_block_scale",
+    "rand_acts", "rand_weights", "random_requant", "random_block_scale", "random_pack_bits",
     "tensor_rows", "zero_rows", "place", "read", "apply_writes", "read_outputs", "assemble",
     "random_conv_spec", "random_gemm_spec", "random_pool_spec",
     "random_conv_case", "random_gemm_case", "random_pool_case", "random_residual_case",
@@ -79,9 +79,10 @@ WEIGHT_MODES = {"int": ("int",), "pot": ("pot",), "hybrid": ("int", "pot", "mixe
 assert set(WEIGHT_MODES) == set(PE_KINDS)
 
 
-def weight_values(cfg: AccelConfig, mode: str) -> np.ndarray:
-    """Every weight value a case in ``mode`` may use, ascending."""
-    lo, hi = w_range(cfg)
+def weight_values(cfg: AccelConfig, mode: str, bits: int | None = None) -> np.ndarray:
+    """Every weight value a case in ``mode`` may use, ascending (INT values within ``bits``
+    when given: weights stored packed at that width)."""
+    lo, hi = w_range(cfg) if bits is None else (-(1 << (bits - 1)), (1 << (bits - 1)) - 1)
     ints = np.arange(lo, hi + 1, dtype=np.int64)
     if mode == "int":
         return ints
@@ -100,12 +101,12 @@ def rand_acts(rng: np.random.Generator, cfg: AccelConfig, shape, signed: bool) -
 
 
 def rand_weights(rng: np.random.Generator, cfg: AccelConfig, shape, p_zero: float = 0.1,
-                 mode: str = "int") -> np.ndarray:
+                 mode: str = "int", bits: int | None = None) -> np.ndarray:
     if mode == "int":
-        lo, hi = w_range(cfg)
+        lo, hi = w_range(cfg) if bits is None else (-(1 << (bits - 1)), (1 << (bits - 1)) - 1)
         w = rng.integers(lo, hi + 1, shape, dtype=np.int64)
     else:
-        w = rng.choice(weight_values(cfg, mode), shape)
+        w = rng.choice(weight_values(cfg, mode, bits), shape)
     return np.where(rng.random(shape) < p_zero, 0, w)
 
 
@@ -123,13 +124,24 @@ def use_pot(cfg: AccelConfig, kernel: Kernel, w_base: int, choose) -> None:
             # An empty tile (n_rows 0) shares its address with the next real one: key by both.
             tile = (ins.w_addr, ins.n_rows)
             if tile not in modes:
-                modes[tile] = bool(choose(ins.w_addr))
+                # Packed tiles stay INT (packing is for INT weights only, see hw.isa.pack_weights).
+                modes[tile] = bool(choose(ins.w_addr)) and ins.pack_bits == 0
                 if modes[tile]:
                     rows = slice(ins.w_addr - w_base, ins.w_addr - w_base + ins.n_rows)
                     kernel.wmem[rows] = isa.pot_encode(kernel.wmem[rows], cfg)
             bank_tile[ins.bank] = tile
         elif ins.op is Opcode.MATMUL and modes[bank_tile[ins.bank]]:
             kernel.instrs[i] = isa.Instr(Opcode.MATMUL, dict(ins.args, pot=1))
+
+
+def random_pack_bits(rng: np.random.Generator, cfg: AccelConfig, mode: str) -> int:
+    """PRELOAD ``pack_bits`` for a random case's weights: on a ``packed_weights`` config, INT and
+    (half the time) mixed cases get a random width ``k`` in 1..w_bits (``w_bits``: unpacked, 0);
+    PoT cases and other configs are unpacked."""
+    if not cfg.packed_weights or mode == "pot" or (mode == "mixed" and rng.random() < 0.5):
+        return 0
+    k = int(rng.integers(1, cfg.w_bits + 1))
+    return 0 if k == cfg.w_bits else k
 
 
 def random_block_scale(rng: np.random.Generator, cfg: AccelConfig, shape) -> tuple[np.ndarray, np.ndarray]:
@@ -411,18 +423,20 @@ def _make_conv(rng, cfg, scale, *, residual, gemm, depthwise):
     res = b.tensor(cout, oh, ow, bool(rng.integers(0, 2))) if residual else None
     xv = rand_acts(rng, cfg, (cin, H, W), x_signed)
     mode = pick_weight_mode(rng, cfg)
-    w = rand_weights(rng, cfg, (cout, cin // groups, kh, kw), mode=mode)
+    pack = random_pack_bits(rng, cfg, mode)
+    w = rand_weights(rng, cfg, (cout, cin // groups, kh, kw), mode=mode, bits=pack or None)
     rv = rand_acts(rng, cfg, (cout, oh, ow), res.signed) if residual else None
-    w_mag_bits = int(np.abs(weight_values(cfg, mode)).max()).bit_length() - 1
+    w_mag_bits = max(0, int(np.abs(weight_values(cfg, mode, pack or None)).max()).bit_length() - 1)
     rq = random_requant(rng, cfg, cout, (cin // groups) * kh * kw, out_signed=y_signed, residual=residual,
                         w_mag_bits=w_mag_bits)
     pot = {"int": False, "pot": True, "mixed": lambda _addr: bool(rng.integers(0, 2))}[mode]
     bs = random_block_scale(rng, cfg, (cout, x.blocks(cfg), kh, kw)) if cfg.block_scale else None
     b.conv2d(x, y, w, rq, stride=(sh, sw), padding=(ph, pw), groups=groups, residual=res, pot=pot,
-             block_scale=bs)
+             block_scale=bs, pack_bits=pack)
     kind = "gemm" if gemm else ("residual" if residual else "conv")
     manifest = {"case": kind, "x": [cin, H, W], "y": [cout, oh, ow], "kernel": [kh, kw],
-                "stride": [sh, sw], "padding": [ph, pw], "groups": groups, "weights": mode}
+                "stride": [sh, sw], "padding": [ph, pw], "groups": groups, "weights": mode,
+                **({"pack_bits": pack} if pack else {})}
     prog = b.program(manifest)
     writes = tensor_rows(cfg, x, xv) + zero_rows(cfg, y)
     if residual:

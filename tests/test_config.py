@@ -157,9 +157,9 @@ def test_json_round_trip(cfg):
     back = AccelConfig.from_json(text)
     assert back == cfg
     assert back.to_json() == text
-    # Every field, except later additions (block_scale) left at their default value.
+    # Every field, except later additions (block_scale, packed_weights) left at their default value.
     full = dataclasses.asdict(cfg)
-    assert json.loads(text) == {k: v for k, v in full.items() if k != "block_scale" or v}
+    assert json.loads(text) == {k: v for k, v in full.items() if k not in ("block_scale", "packed_weights") or v}
     assert AccelConfig.from_dict(cfg.to_dict()) == cfg
 
 
@@ -190,6 +190,7 @@ ALTERNATIVES = {
     "rows": 4, "cols": 8, "w_bits": 4, "a_bits": 4, "pe_kind": "pot", "spad_depth": 2048,
     "acc_depth": 512, "wmem_depth": 2048, "imem_depth": 512, "param_depth": 32, "acc_bits": 30,
     "mult_bits": 16, "shift_bits": 5, "pool_mult_bits": 8, "dim_bits": 8, "block_scale": True,
+    "packed_weights": True,
 }
 
 
