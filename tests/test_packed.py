@@ -38,10 +38,12 @@ _SMALL = dict(spad_depth=512, acc_depth=40, wmem_depth=512, imem_depth=512, para
 CONFIGS = {
     # p = 8 // k fields: up to 8 rows per word on a 4-row array (partial groups), odd k.
     "4x4_int_w8a4_pk": AccelConfig(rows=4, cols=4, w_bits=8, a_bits=4, packed_weights=True, **_SMALL),
-    # w_bits 6: k = 2 packs 3 rows per word (not a power of two) on a 5-row array.
-    "5x3_hybrid_w6a3_pk": AccelConfig(rows=5, cols=3, w_bits=6, a_bits=3, pe_kind="hybrid", mult_bits=16,
+    # w_bits 6: k = 2 packs 3 rows per word (not a power of two) on a 5-row array; the compiled
+    # mixed-precision models below run on this build too.
+    "5x3_hybrid_w6a8_pk": AccelConfig(rows=5, cols=3, w_bits=6, a_bits=8, pe_kind="hybrid", mult_bits=16,
                                       pool_mult_bits=12, packed_weights=True, **_SMALL),
 }
+HYBRID = CONFIGS["5x3_hybrid_w6a8_pk"]
 
 
 # -- ISA and config -----------------------------------------------------------------------------------
@@ -170,20 +172,19 @@ def test_random_cases_pack_on_packed_configs_only():
 # -- compiler: mixed precision ---------------------------------------------------------------------------
 
 def _mixed_programs(cfg):
-    """The tiny model at different bits per layer (INT), compiled unpacked and packed."""
+    """The tiny model at different bits per layer (INT: 2-bit conv, 3 rows per 6-bit lane, and
+    3-bit linear, 2 per lane), compiled for ``cfg`` unpacked and packed."""
     x = torch.rand((12, 1, 8, 8), generator=torch.Generator().manual_seed(SEED))
     g = capture(tiny(), (1, 8, 8))
     bits = {"conv": (2, 6), "fc": (3, None)}
     opts = QuantOptions("mse", weight_method="mse")
-    qg = quantize(g, cfg, x[:8], opts, layer_bits=bits)
-    pk = dataclasses.replace(cfg, packed_weights=True)
-    qgp = quantize(g, pk, x[:8], opts, layer_bits=bits)
+    qg = quantize(g, dataclasses.replace(cfg, packed_weights=False), x[:8], opts, layer_bits=bits)
+    qgp = quantize(g, dataclasses.replace(cfg, packed_weights=True), x[:8], opts, layer_bits=bits)
     return x, qg, lower(qg), qgp, lower(qgp)
 
 
 def test_mixed_precision_uses_less_wmem_same_outputs():
-    cfg = AccelConfig(rows=4, cols=4, spad_depth=256, acc_depth=64, wmem_depth=128, imem_depth=128, param_depth=8)
-    x, qg, prog, qgp, progp = _mixed_programs(cfg)
+    x, qg, prog, qgp, progp = _mixed_programs(HYBRID)
     wm, wmp = prog.manifest["weight_memory"], progp.manifest["weight_memory"]
     assert wmp["wmem_rows"] < wm["wmem_rows"] and wmp["wmem_bytes"] < wm["wmem_bytes"]
     assert wmp["wmem_rows"] == len(progp.images["wmem"]) and wm["bytes"] == wmp["bytes"]
@@ -230,24 +231,24 @@ def test_random_programs_packed(name):
 
 @pytest.mark.rtl
 def test_mixed_precision_packed_golden_vs_verilator():
-    """The packed mixed-precision model (2-bit conv, 3-bit linear) on a 4x4 hybrid build, weights
-    baked into the ROM: raw outputs and cycles equal the golden model's, image by image; and a
-    program with a PoT conv (unpacked) beside a packed 3-bit INT linear layer over the host port."""
+    """On the hybrid packed build of the random programs: the packed mixed-precision model
+    (2-bit conv, 3-bit linear), and a program with a PoT conv (unpacked: 5-bit codes, 4-bit
+    activations) beside a packed 3-bit INT linear layer. Raw outputs and cycle counts of the RTL
+    equal the golden model's, image by image."""
     from sim.run import compare_runs, run_golden as golden_run, run_verilator
 
-    cfg = AccelConfig(rows=4, cols=4, pe_kind="hybrid", spad_depth=256, acc_depth=64, wmem_depth=128,
-                      imem_depth=128, param_depth=8)
-    x, _, prog, qgp, progp = _mixed_programs(cfg)
+    x, _, prog, qgp, progp = _mixed_programs(HYBRID)
     assert len(progp.images["wmem"]) < len(prog.images["wmem"])
     g = capture(tiny(), (1, 8, 8))
-    qpot = quantize(g, progp.config, x[:8], QuantOptions("mse", weight_method="inq", pot_bits=5, pot_layers=("conv",)),
-                    layer_bits={"conv": (8, 4), "fc": (3, None)})
+    qpot = quantize(g, HYBRID, x[:8], QuantOptions("mse", weight_method="inq", pot_bits=5, pot_layers=("conv",)),
+                    layer_bits={"conv": (6, 4), "fc": (3, None)})
+    assert qpot.layers["conv"].pot and not qpot.layers["fc"].pot
     ppot = lower(qpot)
-    pre = {i.pack_bits for i in ppot.instrs if i.op is Opcode.PRELOAD}
-    assert pre == {0, 3}
+    assert {i.pack_bits for i in ppot.instrs if i.op is Opcode.PRELOAD} == {0, 3}
+    assert {i.pot for i in ppot.instrs if i.op is Opcode.MATMUL} == {0, 1}
     images = x[8:].numpy()
-    for p, q, rom in ((progp, qgp, True), (ppot, qpot, False)):
+    for p, q in ((progp, qgp), (ppot, qpot)):
         gres = golden_run(p, images, progress=False)
-        r = run_verilator(p, images, rom=rom, progress=False, optimize=False)
+        r = run_verilator(p, images, rom=False, progress=False, optimize=False)
         assert not compare_runs(gres, r)
         np.testing.assert_array_equal(np.stack(gres.logits), simulate(q, images).reshape(len(images), -1))
