@@ -32,7 +32,7 @@ from .config import AccelConfig, ConfigError
 from .isa import HostMem, Opcode, PoolMode
 from .ppu import RequantLane
 
-__all__ = ["QuarryTop", "CYCLE_BITS"]
+__all__ = ["QuarryTop", "CYCLE_BITS", "unpack_row"]
 
 CYCLE_BITS = 32
 
@@ -40,6 +40,25 @@ CYCLE_BITS = 32
 def _ext(raw, signed_flag, bits):
     """Sign- or zero-extend a raw ``bits``-wide activation to ``bits + 1``."""
     return Mux(signed_flag, raw.as_signed(), raw.as_unsigned())
+
+
+def unpack_row(m: Module, cfg: AccelConfig, row, pack, field):
+    """The bank row a packed wmem row holds: field ``field`` of every lane
+    (:func:`hw.isa.packed_lane_layout` for ``pack`` = PRELOAD's ``pack_bits``), sign-extended
+    to ``w_bits``; ``pack`` 0 passes the lanes through. Combinational; returns a
+    ``wmem_row_layout`` signal."""
+    out = Signal(isa.wmem_row_layout(cfg))
+    for c in range(cfg.cols):
+        lane = row[c].as_unsigned()
+        with m.Switch(pack):
+            for k in range(1, cfg.w_bits):
+                lay = isa.packed_lane_layout(cfg, k)
+                fields = data.View(lay, lane[:lay.size])
+                with m.Case(k):
+                    m.d.comb += out[c].eq(Array(fields[f] for f in range(lay.length))[field])
+            with m.Default():
+                m.d.comb += out[c].eq(row[c])
+    return out
 
 
 class QuarryTop(wiring.Component):
@@ -314,20 +333,7 @@ class QuarryTop(wiring.Component):
         # Weight writes from the loader.
         wrow = data.View(isa.wmem_row_layout(cfg), wmem_r.data)
         if cfg.packed_weights:
-            # Unpack: field ld_wr_f of each lane (isa.packed_lane_layout for the PRELOAD's
-            # pack_bits), sign-extended to w_bits; pack_bits 0 passes the lane through.
-            unpacked = Signal(isa.wmem_row_layout(cfg))
-            for c in range(C):
-                lane = wrow[c].as_unsigned()
-                with m.Switch(ld_pack):
-                    for k in range(1, cfg.w_bits):
-                        lay = isa.packed_lane_layout(cfg, k)
-                        fields = data.View(lay, lane[:lay.size])
-                        with m.Case(k):
-                            m.d.comb += unpacked[c].eq(Array(fields[f] for f in range(lay.length))[ld_wr_f])
-                    with m.Default():
-                        m.d.comb += unpacked[c].eq(wrow[c])
-            wrow = unpacked
+            wrow = unpack_row(m, cfg, wrow, ld_pack, ld_wr_f)
         m.d.comb += [arr.w_we.eq(ld_wr), arr.w_bank.eq(ld_bank), arr.w_row_idx.eq(ld_wr_idx)]
         for c in range(C):
             m.d.comb += arr.w_row[c].eq(Mux(ld_wr_zero, 0, wrow[c]))
