@@ -1,8 +1,9 @@
 """ULX3S with the ECP5-85F (LFE5U-85F, 84k LUT4, 208 DP16KD block RAMs, 156 18x18 multipliers).
 
-Default accelerator: an 8x8 array of 4-bit PEs at the board's 25 MHz (measured: it reaches
-34 MHz, so 50 MHz from the PLL, ``--freq 50``, misses timing; the critical path runs from the
-instruction memory's output through the MATMUL/POOL issue multipliers), with memory depths
+Default accelerator: an 8x8 array of 4-bit PEs at 50 MHz from the PLL (the 25 MHz oscillator
+with ``--freq 25``); measured 51.1 MHz after place and route (``bench/results/boards.md``), after
+the decode register, the PE product register and the requantization multiply stage moved it
+from 34 MHz. Memory depths are
 sized for the default model (``quarry_cnn``, MNIST) compiled for it: it needs
 239 instructions, 866 weight rows, 12 parameter rows, 3,528 scratchpad rows and 784 accumulator
 rows, rounded up to powers of two below. ``python -m boards.build --pe 16x16`` builds the bigger
@@ -23,7 +24,7 @@ BOARD = Board(
     default_model="quarry_cnn",
     config=AccelConfig(rows=8, cols=8, w_bits=4, a_bits=4, imem_depth=256, wmem_depth=1024,
                        param_depth=16, spad_depth=4096, acc_depth=1024),
-    clk_hz=25_000_000,
+    clk_hz=50_000_000,  # PLL from the 25 MHz oscillator
     pll=True,
     # LEDs 0..2 (the row next to the buttons): busy, done, error.
     leds=(("led", 0), ("led", 1), ("led", 2)),
