@@ -23,7 +23,8 @@ Design
 * Configs come from :func:`tests.helpers.random_config` (1..6 x 1..6 arrays, W2..8 A2..8, small
   depths) with the PE kind cycling int, pot, hybrid over consecutive configs; every fourth gets a
   narrow accumulator (``acc_bits = product_bits + 1..3``) so the random reductions overflow and
-  the two's-complement wrap of accumulators (see :func:`sim.golden.wrap`) is compared too.
+  the two's-complement wrap of accumulators (see :func:`sim.golden.wrap`) is compared too; two in
+  five have DSConv block rescaling (``block_scale``), with random block scales per MATMUL.
 * Builds dominate short runs (~25-80 s per config at -O0, against ~0.15 s per program), hence
   1,000 programs per config by default: ``N=10000`` is 10 configs.
 * The run's record (count, configs, PE kinds, mismatches, seconds, git revision, tool versions) is
@@ -65,6 +66,8 @@ KINDS = ("conv", "gemm", "pool", "residual")
 #: Fields :func:`minimize` halves, per opcode.
 SHRINK_FIELDS = {Opcode.MATMUL: ("out_h", "out_w"), Opcode.POOL: ("out_h", "out_w"),
                  Opcode.POST: ("n", "n_lanes"), Opcode.PRELOAD: ("n_rows",)}
+#: Config seeds ``cfg_seed % 5`` in this set get ``block_scale=True`` (2 of every 5 configs).
+BLOCK_SCALE_RESIDUES = (1, 4)
 #: Failing programs minimized per run (each takes tens of simulator runs).
 MAX_MINIMIZE = 3
 
@@ -78,12 +81,18 @@ def config_seed(seed: int, k: int) -> int:
 def fuzz_config(cfg_seed: int) -> AccelConfig:
     """Config of a fuzz run from its seed: :func:`tests.helpers.random_config` drawn from the seed,
     with the PE kind cycling with the seed (``PE_KINDS[cfg_seed % 3]``, so consecutive configs
-    cover int, pot and hybrid) and, for every fourth seed (``cfg_seed % 4 == 3``), a narrow
-    accumulator: ``acc_bits = product_bits + 1..3``, so long random reductions wrap."""
+    cover int, pot and hybrid), for every fourth seed (``cfg_seed % 4 == 3``) a narrow
+    accumulator: ``acc_bits = product_bits + 1..3``, so long random reductions wrap, and for two
+    seeds in five (``cfg_seed % 5`` in :data:`BLOCK_SCALE_RESIDUES`) DSConv block rescaling
+    (``block_scale=True``, ``param_depth >= 64``), whose random cases carry random block scales."""
     rng = np.random.default_rng(cfg_seed)
     cfg = dataclasses.replace(helpers.random_config(rng), pe_kind=PE_KINDS[cfg_seed % len(PE_KINDS)])
     if cfg_seed % 4 == 3:
         cfg = dataclasses.replace(cfg, acc_bits=cfg.product_bits + int(rng.integers(1, 4)))
+    if cfg_seed % 5 in BLOCK_SCALE_RESIDUES:
+        # DSConv block rescaling: the random cases add random block scales (tests.helpers.
+        # random_block_scale); they take param rows per block, kernel tap and channel, hence 64.
+        cfg = dataclasses.replace(cfg, block_scale=True, param_depth=max(cfg.param_depth, 64))
     return cfg
 
 
@@ -315,7 +324,8 @@ def run(n: int, seed: int = 1, *, per_config: int = 1000, batch: int = 50, state
         cfg = cur[1]
         if len(st["configs"]) <= k:
             st["configs"].append({"index": k, "seed": cs, "describe": cfg.describe(), "pe_kind": cfg.pe_kind,
-                                  "narrow_acc": cfg.acc_bits is not None, "config": cfg.to_dict(),
+                                  "narrow_acc": cfg.acc_bits is not None,
+                                  "block_scale": cfg.block_scale, "config": cfg.to_dict(),
                                   "programs": 0, "skipped": 0, "kinds": {}, "rtl_cycles": 0,
                                   "mismatching": 0, "seconds": 0.0})
         rec = st["configs"][k]
@@ -381,6 +391,7 @@ def summarize(st: dict, requested_n: int) -> dict:
         "programs_by_pe_kind": {k: sum(c["programs"] for c in cfgs if c["pe_kind"] == k)
                                 for k in sorted({c["pe_kind"] for c in cfgs})},
         "narrow_acc_configs": sum(1 for c in cfgs if c["narrow_acc"]),
+        "block_scale_configs": sum(1 for c in cfgs if c.get("block_scale")),
         "program_kinds": dict(kinds), "rtl_cycles": sum(c["rtl_cycles"] for c in cfgs),
         "mismatching_programs": len(st["mismatches"]), "seconds": round(st["seconds"], 1),
         "seed": st["seed"], "per_config": st["per_config"], "revisions": revs,
@@ -406,7 +417,8 @@ def write_record(st: dict, requested_n: int, stem: Path) -> None:
         + (f", {s['skipped']} skipped (no case of that kind fits the config)" if s["skipped"] else ""),
         f"- mismatching programs: **{s['mismatching_programs']}**",
         f"- configs: {s['configs']} ({', '.join(f'{v} {k}' for k, v in sorted(s['pe_kinds'].items()))}; "
-        f"{s['narrow_acc_configs']} with a narrow accumulator that wraps)",
+        f"{s['narrow_acc_configs']} with a narrow accumulator that wraps, "
+        f"{s['block_scale_configs']} with DSConv block rescaling)",
         f"- programs per PE kind: {', '.join(f'{k} {v}' for k, v in s['programs_by_pe_kind'].items())}",
         f"- program kinds: {', '.join(f'{k} {v}' for k, v in sorted(s['program_kinds'].items()))}",
         f"- RTL cycles simulated: {s['rtl_cycles']:,}",

@@ -33,6 +33,20 @@ def test_fuzz_configs_cover_every_pe_kind_and_narrow_accumulators():
     assert narrow and all(c.product_bits < c.acc_width <= c.product_bits + 3 for c in narrow)
 
 
+def test_fuzz_configs_include_block_scale_with_scaled_matmuls():
+    """Some configs have DSConv block rescaling, and their programs' MATMULs use scale rows."""
+    cfgs = [(cs, fuzz.fuzz_config(cs)) for cs in (fuzz.config_seed(1, k) for k in range(10))]
+    bs = [(cs, c) for cs, c in cfgs if c.block_scale]
+    assert 2 <= len(bs) <= 6 and {c.pe_kind for _, c in bs} == {"int", "pot", "hybrid"}
+    assert all(c.param_depth >= 64 for _, c in bs) and any(not c.block_scale for _, c in cfgs)
+    cs, cfg = bs[0]
+    scaled = 0
+    for j in range(8):
+        _, case = fuzz.make_case(cfg, cs, j)
+        scaled += any(i.op is Opcode.MATMUL and i.args["scale_addr"] for i in case.program.instrs)
+    assert scaled >= 2
+
+
 def test_resume_after_kill_and_extend(tmp_path):
     state = tmp_path / "state.json"
     calls = []
