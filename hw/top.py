@@ -568,4 +568,17 @@ class QuarryTop(wiring.Component):
             with m.If(busy & bs_read.valid):
                 m.d.comb += param_r.addr.eq(bs_read.scale)
 
+        # -- observation hook for formal checks (drives nothing) -------------------------------------------
+        # Per memory, (used, address): ``used`` is 1 in the cycle an engine puts on the read port an
+        # address whose data it will use. Engines also drive addresses whose data they drop (the
+        # loader's rows past n_rows, MATMUL/POOL padding, POST's residual read without res_en, the
+        # accumulator read of a MATMUL that overwrites); those are not "used". Host reads excluded.
+        pl_inside = (pl_ih >= 0) & (pl_ih < pl["in_h"]) & (pl_iw >= 0) & (pl_iw < pl["in_w"])
+        self.used_reads = {
+            "wmem": (reading & (ld_idx < ld_n), wmem_r.addr),
+            "spad": ((mm_busy & mm_inside) | (po_rd & po["res_en"]) | (pl_busy & pl_inside), spad_r.addr),
+            "acc": (po_rd | (busy & ctl_d.valid & ctl_d.acc), acc_r.addr),
+            "param": (po_rd | ((busy & bs_read.valid) if cfg.block_scale else Const(0)), param_r.addr),
+        }
+
         return m
