@@ -1,29 +1,36 @@
 """Formal proofs (SymbiYosys + boolector from pip, see ``sim/formal.py``): the arithmetic units
-(every PE kind at w/a 2..8 classes, the requantization lane)
-equal their specification for *every* input, not only sampled ones.
+(every PE kind at weight/activation widths 2..8, the requantization lane) equal their
+specification for *every* input, not only sampled ones.
 
 The specifications here are written independently of the RTL and of ``sim/golden.py`` (e.g.
 rounding by sign and magnitude instead of the hardware's bias-and-shift), and the golden model's
 functions are checked against the same definitions in ``tests/test_requant.py``.
 
-The arithmetic proofs are k-induction (``mode prove``) or bounded from reset where noted. Widths
-are small so each proof takes seconds; the structure of the RTL is the same at every width (the
-widths are parameters of the same Python code).
+The arithmetic proofs are k-induction (``mode prove``) or bounded from reset where noted (a
+pipeline that holds nothing older than its latency is covered completely by a BMC one cycle
+deeper). The requantization lane is proved whole at small accumulator widths
+(:class:`PpuProof`) and in two parts at the real widths (W8A8 int: 28-bit accumulator, 24-bit
+multiplier, 55-bit product; W8A8 PoT: 36 + 24, 63-bit product, the widest legal):
+:class:`MulStageProof` (bias add and both multiplies, every input) and :class:`RoundClampProof`
+(rounding shift, zero point, clamp, every 55/63-bit product, one job per shift value).
 
-Controller safety (bounded model checking of the whole ``QuarryTop`` at a tiny config, memories'
-ports observed from a wrapper that elaborates the top itself; ``hw/top.py`` is untouched):
+Controller safety and liveness (bounded model checking of the whole ``QuarryTop`` at tiny
+configs, memories' ports observed from a wrapper that elaborates the top itself; the only hook in
+``hw/top.py`` is ``QuarryTop.used_reads``, which drives nothing):
 
-* :class:`AddressSafety` -- every memory write stays inside its memory (depths that are not powers
-  of two, so it could leave them) for any program of well-formed instructions (:func:`well_formed`:
-  the golden model's run-time rules) the host writes, any data, any start time;
+* :class:`AddressSafety` -- every memory write, and every read address whose data an engine uses,
+  stays inside its memory (depths that are not powers of two, so it could leave them) for any
+  program of well-formed instructions (:func:`well_formed`: the golden model's run-time rules)
+  the host writes, any data, any start time;
 * :class:`HostIsolation` -- while busy, host-port traffic (any memory, address, data, read or
-  write) changes nothing the design does: a two-copy miter.
+  write) changes nothing the design does: a two-copy miter;
+* :class:`HaltReached` -- every program of well-formed instructions with bounded work per
+  instruction and a HALT among its ``imem_depth`` words stops (done) within
+  :func:`halt_bound` cycles.
 
-Both run under ``make formal`` (``--slow-formal``: minutes); their negative twins (the proof fails
-without the well-formedness assumption / when host inputs also differ while idle) run in
-``make test``. Read addresses are not checked: engines drive some read addresses whose data they
-discard (e.g. POST's residual read when ``res_en = 0``), so a read check needs a per-port "data
-used" signal from ``hw/top.py``.
+The long ones run under ``make formal`` (``--slow-formal``: minutes); each has a negative twin in
+``make test`` (the check fails without the well-formedness assumption / with the "used" qualifier
+dropped / when host inputs also differ while idle / without a HALT / against a wrong spec).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from amaranth.hdl import Assert, Assume, Const, Elaboratable, Module, Mux, Signa
 
 from hw.array import PE_CLASSES
 from hw.config import AccelConfig
-from hw.ppu import RequantLane
+from hw.ppu import RequantLane, RoundClamp
 from sim import formal
 
 pytestmark = pytest.mark.skipif(formal.available() is not None, reason=str(formal.available()))
@@ -165,6 +172,104 @@ def _prove(name, proof, depth, mode="prove", script="", timeout=600):
     return res
 
 
+class RoundClampProof(Elaboratable):
+    """The lane's stages 3-4 (:class:`hw.ppu.RoundClamp`) alone: y == clamp(zp + round(prod / 2**shift),
+    lo, hi) for every product of the register's full width (no multiplier in the proof, so it runs
+    at the real widths) and every constant zero point / bounds. ``shift=s`` fixes the shift to
+    the constant ``s`` (one job per shift value: with a free shift, two 57-bit barrel shifters in
+    a miter gave no result in 10 minutes; with a constant one they are wiring)."""
+
+    def __init__(self, cfg: AccelConfig, shift: int | None = None):
+        self.cfg = cfg
+        self.shift = shift
+        self.dut = RoundClamp(cfg)
+
+    def elaborate(self, platform):
+        m = Module()
+        d = self.dut
+        m.submodules.dut = d
+        if self.shift is not None:
+            m.d.comb += d.shift.eq(self.shift)
+        for p in (d.shift, d.zp, d.lo, d.hi):
+            formal.hold(m, p)
+        W = RequantLane.prod_bits(self.cfg) + 2
+        r = round_half_away(m, d.prod, d.shift, W)
+        z = Signal(signed(W + 2))
+        m.d.comb += z.eq(r + d.zp)
+        spec = Signal(signed(W + 2))
+        m.d.comb += spec.eq(Mux(z < d.lo, d.lo, Mux(z > d.hi, d.hi, z)))
+        expect = _pipe(m, spec, RoundClamp.LATENCY, "spec")
+        with m.If(_valid_after(m, RoundClamp.LATENCY)):
+            m.d.comb += Assert(d.y == expect)
+        return m
+
+    def ports(self):
+        d = self.dut
+        return [d.prod, *([d.shift] if self.shift is None else []), d.zp, d.lo, d.hi, d.y]
+
+
+class RoundClampEveryShift(Elaboratable):
+    """:class:`RoundClampProof` for every listed constant shift in one job: one RoundClamp per shift,
+    all fed the same free product, zero point and bounds."""
+
+    def __init__(self, cfg: AccelConfig, shifts):
+        self.proofs = [RoundClampProof(cfg, shift=s) for s in shifts]
+        for p in self.proofs:
+            p.dut.prod.name = "prod"
+
+    def elaborate(self, platform):
+        m = Module()
+        first = self.proofs[0].dut
+        for i, p in enumerate(self.proofs):
+            m.submodules[f"s{p.shift}"] = p
+            if i:
+                m.d.comb += [p.dut.prod.eq(first.prod), p.dut.zp.eq(first.zp), p.dut.lo.eq(first.lo),
+                             p.dut.hi.eq(first.hi)]
+        return m
+
+    def ports(self):
+        d = self.proofs[0].dut
+        return [d.prod, d.zp, d.lo, d.hi]
+
+
+class MulStageProof(Elaboratable):
+    """The lane's stages 1-2 at the real width: the product register (the input of its
+    :class:`hw.ppu.RoundClamp`) equals (acc + bias) * mult + res * res_mult exactly (computed
+    here at a width where nothing can overflow), for every acc/res stream and constant bias,
+    mult and res_mult; shift, zero point and bounds reach the RoundClamp unchanged and its output
+    is the lane's. With :class:`RoundClampProof` this is the whole lane at the real width.
+    ``signed_mult=True`` is a wrong spec (``mult`` read as two's complement): must fail."""
+
+    def __init__(self, cfg: AccelConfig, signed_mult: bool = False):
+        self.cfg = cfg
+        self.signed_mult = signed_mult
+        self.lane = RequantLane(cfg)
+        self.mod = self.lane.elaborate(None)
+        self.lane._MustUse__silence = True  # used through its Module
+        self.rc = self.mod.submodules.round
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg, d, rc = self.cfg, self.lane, self.rc
+        m.submodules.lane = self.mod
+        for p in (d.bias, d.mult, d.res_mult):
+            formal.hold(m, p)
+        W = cfg.acc_width + cfg.mult_bits + cfg.a_bits + 6
+        x = Signal(signed(W))
+        mult = d.mult.as_signed() if self.signed_mult else d.mult
+        m.d.comb += x.eq((d.acc + d.bias) * mult + d.res * d.res_mult)
+        expect = _pipe(m, x, 2, "prod")
+        with m.If(_valid_after(m, 2)):
+            m.d.comb += Assert(rc.prod == expect)
+        m.d.comb += [Assert(rc.shift == d.shift), Assert(rc.zp == d.zp), Assert(rc.lo == d.lo),
+                     Assert(rc.hi == d.hi), Assert(d.y == rc.y)]
+        return m
+
+    def ports(self):
+        d = self.lane
+        return [d.acc, d.res, d.bias, d.mult, d.res_mult, d.shift, d.zp, d.lo, d.hi, d.y]
+
+
 # Small accumulators (the proof's multiplier stays small), every activation width class.
 PPU_CONFIGS = [dict(w_bits=2, a_bits=2, acc_bits=8, mult_bits=8, shift_bits=4),
                dict(w_bits=2, a_bits=4, acc_bits=10, mult_bits=8, shift_bits=4)]
@@ -174,6 +279,50 @@ PPU_CONFIGS = [dict(w_bits=2, a_bits=2, acc_bits=8, mult_bits=8, shift_bits=4),
 def test_ppu_equals_spec(kw):
     cfg = AccelConfig(rows=1, cols=1, **kw)
     _prove(f"ppu_a{kw['a_bits']}_acc{kw['acc_bits']}", PpuProof(cfg), depth=RequantLane.LATENCY + 2)
+
+
+# Real widths of the requantization lane: the default W8A8 int config (acc 28, mult 24: a 55-bit
+# product) and the widest legal one, W8A8 PoT (acc 36 + mult 24 = 60: a 63-bit product).
+REAL_PPU = {"int_w8a8": AccelConfig(rows=1, cols=1, w_bits=8, a_bits=8),
+            "pot_w8a8": AccelConfig(rows=1, cols=1, w_bits=8, a_bits=8, pe_kind="pot")}
+#: Shifts of the fast (``make test``) round/clamp proofs; ``make formal`` takes every shift value.
+FAST_SHIFTS = (0, 1, 29)
+
+
+def _round_clamp(name: str, shift: int):
+    cfg = REAL_PPU[name]
+    _prove(f"rc_{name}_s{shift}", RoundClampProof(cfg, shift=shift), depth=RoundClamp.LATENCY + 2, mode="bmc")
+
+
+@pytest.mark.parametrize("shift", FAST_SHIFTS)
+def test_round_clamp_real_width(shift):
+    """Stages 3-4 of the lane at the real width (55-bit product, W8A8 int), a few shifts. BMC from
+    reset at depth 4 covers every input: the stages hold nothing older than 2 cycles."""
+    _round_clamp("int_w8a8", shift)
+
+
+@pytest.mark.slow_formal
+@pytest.mark.parametrize("name", list(REAL_PPU))
+def test_round_clamp_real_width_every_shift(name):
+    """Every shift value 0..2**shift_bits - 1, one job each (~5 s each)."""
+    cfg = REAL_PPU[name]
+    for shift in range(1 << cfg.shift_bits):
+        if name != "int_w8a8" or shift not in FAST_SHIFTS:
+            _round_clamp(name, shift)
+
+
+@pytest.mark.parametrize("name", list(REAL_PPU))
+def test_mul_stage_real_width(name):
+    """Stages 1-2 of the lane at the real width (every acc, bias, res, 24-bit mult and res_mult).
+    BMC from reset at depth 4 covers every input (nothing older than 2 cycles is held)."""
+    _prove(f"mul_{name}", MulStageProof(REAL_PPU[name]), depth=4, mode="bmc")
+
+
+def test_wrong_mul_spec_is_caught():
+    """The real-width product check can fail: against ``mult`` read as signed."""
+    p = MulStageProof(REAL_PPU["int_w8a8"], signed_mult=True)
+    res = formal.check("mul_signed_mult", p, p.ports(), mode="bmc", depth=4, timeout=600)
+    assert res.status == "FAIL", res.summary()
 
 
 @pytest.mark.parametrize("kind", ["int", "pot", "hybrid"])
@@ -241,7 +390,9 @@ def _top(cfg: AccelConfig):
 def well_formed(m: Module, cfg: AccelConfig, word) -> Signal:
     """1 when the instruction ``word`` satisfies the rules the golden model enforces at run time
     (``sim/golden.py``: every row a PRELOAD/MATMUL/POST/POOL touches lies inside its memory, counts
-    are non-zero, POST lanes fit the array, the PoT mode exists); the field widths are the ISA's."""
+    are non-zero, POST lanes fit the array, the PoT mode exists, a block-scale row exists); the
+    field widths are the ISA's. (A window's whole ``in_h x in_w`` input must lie in spad, where the
+    golden model only checks the elements a window touches: slightly stronger, never weaker.)"""
     from amaranth.lib import data
 
     from hw import isa
@@ -258,7 +409,8 @@ def well_formed(m: Module, cfg: AccelConfig, word) -> Signal:
                         & (mm.acc_base + mm.out_h * mm.out_w <= cfg.acc_depth)
                         & (mm.spad_base + mm.in_h * mm.in_w <= cfg.spad_depth)
                         & ((mm.pot == 0) if cfg.pe_kind == "int" else (mm.pot == 1) if cfg.pe_kind == "pot"
-                           else Const(1))),
+                           else Const(1))
+                        & ((mm.scale_addr < cfg.param_depth) if cfg.block_scale else Const(1))),
         Opcode.POST: ((po.n != 0) & (po.n_lanes != 0) & (po.src_lane + po.n_lanes <= cfg.cols)
                       & (po.dst_lane + po.n_lanes <= cfg.rows) & (po.acc_base + po.n <= cfg.acc_depth)
                       & (po.spad_base + po.n <= cfg.spad_depth) & (po.param_addr < cfg.param_depth)
@@ -276,16 +428,25 @@ def well_formed(m: Module, cfg: AccelConfig, word) -> Signal:
 
 
 class AddressSafety(Elaboratable):
-    """Every write into imem/wmem/spad/acc/param stays inside the memory, for any program of
-    well-formed instructions the host writes, any data, any start time (BMC from reset).
+    """Every write into imem/wmem/spad/acc/param stays inside the memory, and so does every read
+    address whose data an engine uses (``QuarryTop.used_reads``: wmem, spad, acc, param), for any
+    program of well-formed instructions the host writes, any data, any start time (BMC from reset).
 
     The host is assumed to address inside the memory it writes (its own contract); every other
     write comes from the engines. ``well_formed=False`` drops the instruction assumption (the proof
-    must then fail: it shows the assumption is what keeps the engines inside)."""
+    must then fail: it shows the assumption is what keeps the engines inside). ``reads="driven"``
+    checks every read address an engine drives while busy, used or not (must fail: engines drive
+    addresses whose data they drop, hence the "used" qualifier); ``reads=None`` checks writes only,
+    ``writes=False`` reads only.
+    The instruction fetch (imem reads) is not an address generator: the front end reads ahead of
+    the instruction it issues; :class:`HaltReached` covers programs ending in HALT."""
 
-    def __init__(self, cfg: AccelConfig, assume_well_formed: bool = True):
+    def __init__(self, cfg: AccelConfig, assume_well_formed: bool = True, reads: str | None = "used",
+                 writes: bool = True):
         self.cfg = cfg
         self.assume_well_formed = assume_well_formed
+        self.reads = reads
+        self.writes = writes
         self.top, self.mod, self.mems = _top(cfg)
 
     def elaborate(self, platform):
@@ -305,8 +466,13 @@ class AddressSafety(Elaboratable):
             ok = well_formed(m, cfg, t.host_wdata)
             m.d.comb += Assume(~(t.host_we & ~t.busy & (hm == HostMem.IMEM.value)) | ok)
         for name, mem in self.mems.items():
-            for i, wp in enumerate(mem.write_ports):
+            for i, wp in enumerate(mem.write_ports if self.writes else ()):
                 m.d.comb += Assert(~wp.en.any() | (wp.addr < mem.depth))
+        for name, (used, addr) in t.used_reads.items():
+            if self.reads == "used":
+                m.d.comb += Assert(~used | (addr < self.mems[name].depth))
+            elif self.reads == "driven":
+                m.d.comb += Assert(~t.busy | (addr < self.mems[name].depth))
         return m
 
     def ports(self):
@@ -374,6 +540,9 @@ class HostIsolation(Elaboratable):
 #: program written, started, and 8 busy cycles of free host traffic); at 11+ boolector does not
 #: finish within 10 minutes (two copies of the datapath, multipliers included).
 ADDR_DEPTH = 24
+#: The read check is harder for the solver (the window address multipliers feed it): depth 20
+#: (the host writes a program, starts it, and its first ~15 cycles of engine reads).
+READ_DEPTH = 20
 ISO_DEPTH = 10
 #: Memories as flip-flops (the configs are tiny): boolector handles them far better than arrays
 #: (address proof: depth 16 took 207 s with arrays, depth 20 56 s mapped; the miter got stuck at
@@ -383,8 +552,24 @@ MEM_SCRIPT = "memory_map; opt"
 
 @pytest.mark.slow_formal
 def test_controller_writes_stay_in_memories():
-    p = AddressSafety(CTRL_CFG)
+    p = AddressSafety(CTRL_CFG, reads=None)
     _prove("ctrl_addr", p, depth=ADDR_DEPTH, mode="bmc", script=MEM_SCRIPT, timeout=1800)
+
+
+@pytest.mark.slow_formal
+def test_controller_used_reads_stay_in_memories():
+    """Read addresses whose data an engine uses (``QuarryTop.used_reads``), depth ``READ_DEPTH``."""
+    p = AddressSafety(CTRL_CFG, reads="used", writes=False)
+    _prove("ctrl_reads", p, depth=READ_DEPTH, mode="bmc", script=MEM_SCRIPT, timeout=3600)
+
+
+def test_controller_reads_without_the_used_qualifier_are_caught():
+    """The read check can fail, and "used" matters: engines drive read addresses outside the
+    memories (e.g. the loader's rows past ``n_rows``) whose data they drop."""
+    p = AddressSafety(CTRL_CFG, reads="driven")
+    res = formal.check("ctrl_addr_driven_reads", p, p.ports(), mode="bmc", depth=10, timeout=600,
+                       script=MEM_SCRIPT)
+    assert res.status == "FAIL", res.summary()
 
 
 def test_controller_without_well_formed_instructions_is_caught():
@@ -404,4 +589,131 @@ def test_host_writes_while_idle_are_seen_by_the_isolation_check():
     """The miter can fail: host inputs that differ while idle reach the memories."""
     p = HostIsolation(ISO_CFG, independent_while_idle=True)
     res = formal.check("ctrl_host_iso_idle", p, p.ports(), mode="bmc", depth=4, timeout=600, script=MEM_SCRIPT)
+    assert res.status == "FAIL", res.summary()
+
+
+# -- HALT reachability (bounded liveness) ---------------------------------------------------------------
+
+#: Programs of at most ``imem_depth`` = 3 words (2 instructions and a HALT), 2x2 array; with
+#: ``POOL_WORK`` the largest POOL, in window reads (out_h * out_w * k_h * k_w). ``make test``.
+HALT_CFG = AccelConfig(rows=2, cols=2, w_bits=2, a_bits=2, spad_depth=4, acc_depth=3, wmem_depth=2,
+                       imem_depth=3, param_depth=2, mult_bits=8, shift_bits=4, pool_mult_bits=4, dim_bits=4)
+POOL_WORK = 4
+#: Programs of 4 words (3 instructions and a HALT), MATMULs of up to 5 vectors, POSTs of up to 5
+#: rows, POOLs of up to 8 window reads (``make formal``).
+HALT_CFG_4 = AccelConfig(rows=2, cols=2, w_bits=2, a_bits=2, spad_depth=6, acc_depth=5, wmem_depth=2,
+                         imem_depth=4, param_depth=2, mult_bits=8, shift_bits=4, pool_mult_bits=4, dim_bits=4)
+POOL_WORK_4 = 8
+
+
+def small_work(m: Module, cfg: AccelConfig, word, pool_work: int) -> Signal:
+    """1 unless ``word`` is a POOL reading more than ``pool_work`` window elements. (MATMUL's
+    vectors and POST's rows are already bounded by ``acc_depth`` through :func:`well_formed`.)"""
+    from amaranth.lib import data
+
+    from hw import isa
+    from hw.isa import Opcode
+
+    w = data.View(isa.instr_layout(cfg), word[:isa.instr_bits(cfg)])
+    pl = w.args.pool
+    ok = Signal(name="small_work")
+    m.d.comb += ok.eq((w.op.as_value() != Opcode.POOL.value)
+                      | (pl.out_h * pl.out_w * pl.k_h * pl.k_w <= pool_work))
+    return ok
+
+
+def halt_bound(cfg: AccelConfig, n_words: int, pool_work: int) -> int:
+    """Busy cycles within which a program of ``n_words`` words (the last a HALT) must stop, from
+    the cycle model's latencies (``hw/timing.py``): the first instruction issues in cycle
+    ``FIRST_ISSUE``; each later one issues at most one cycle after every earlier one completed,
+    and the slowest instruction completes ``c`` cycles after it issues; HALT issues, and busy
+    drops the cycle after."""
+    from hw import timing
+
+    c = max(timing.preload_busy(cfg), cfg.acc_depth + timing.matmul_latency(cfg),
+            cfg.acc_depth + timing.post_latency(cfg), pool_work + timing.pool_latency(cfg))
+    return timing.FIRST_ISSUE + (n_words - 1) * (c + 1) + 1
+
+
+class HaltReached(Elaboratable):
+    """Bounded liveness: the host writes a program of ``imem_depth`` words into imem (cycles
+    0..L-1) and starts it (cycle L); every word is well-formed (:func:`well_formed`, the golden
+    model's run-time rules) with small work (:func:`small_work`), and one of them is a HALT.
+    Then ``busy`` lasts at most ``bound`` cycles and ends with ``done`` (HALT issued), for every
+    such program (the words are free, constant inputs). Memory contents start at power-on zeros;
+    no engine's control depends on memory data (addresses and counts come from the instruction
+    only), so data does not change the timing. ``assume_halt=False`` drops the HALT (must fail:
+    NOPs run forever)."""
+
+    def __init__(self, cfg: AccelConfig, bound: int, pool_work: int = POOL_WORK, assume_halt: bool = True):
+        from hw import isa
+
+        self.cfg, self.bound, self.pool_work, self.assume_halt = cfg, bound, pool_work, assume_halt
+        self.top, self.mod, _ = _top(cfg)
+        self.words = [Signal(isa.instr_bits(cfg), name=f"prog{i}") for i in range(cfg.imem_depth)]
+
+    def elaborate(self, platform):
+        from amaranth.hdl import Array
+        from amaranth.lib import data
+
+        from hw import isa
+        from hw.isa import HostMem, Opcode
+
+        m = Module()
+        cfg, t, L = self.cfg, self.top, len(self.words)
+        m.submodules.top = self.mod
+        has_halt = Const(0)
+        for w in self.words:
+            formal.hold(m, w)
+            m.d.comb += Assume(well_formed(m, cfg, w) & small_work(m, cfg, w, self.pool_work))
+            has_halt = has_halt | (data.View(isa.instr_layout(cfg), w[:isa.instr_bits(cfg)]).op == Opcode.HALT)
+        if self.assume_halt:
+            m.d.comb += Assume(has_halt)
+        step = Signal(range(L + 2))
+        with m.If(step != L + 1):
+            m.d.sync += step.eq(step + 1)
+        m.d.comb += [t.host_we.eq(step < L), t.host_mem.eq(HostMem.IMEM), t.host_addr.eq(step),
+                     t.host_wdata.eq(Array(self.words)[step]), t.host_re.eq(0), t.start.eq(step == L)]
+        elapsed = Signal(range(self.bound + 2))
+        with m.If(t.busy & (elapsed != self.bound + 1)):
+            m.d.sync += elapsed.eq(elapsed + 1)
+        m.d.comb += Assert(elapsed <= self.bound)
+        with m.If((step == L + 1) & ~t.busy):
+            m.d.comb += Assert(t.done)
+        return m
+
+    def ports(self):
+        t = self.top
+        return [*self.words, t.busy, t.done, t.cycles]
+
+    def depth(self) -> int:
+        """BMC depth that reaches the bound: L writes, start, ``bound`` busy cycles and one more."""
+        return len(self.words) + 1 + self.bound + 2
+
+
+def test_halt_is_reached():
+    """Every well-formed program of at most 3 words (2 instructions + HALT) on a 2x2 array with
+    at most ``acc_depth`` = 3 MATMUL vectors / POST rows and ``POOL_WORK`` = 4 POOL window reads
+    per instruction stops within :func:`halt_bound` busy cycles (27 with the PE product register:
+    BMC depth 33, ~15-20 s; the tightest bound that holds is 23, 22 fails)."""
+    bound = halt_bound(HALT_CFG, HALT_CFG.imem_depth, POOL_WORK)
+    p = HaltReached(HALT_CFG, bound)
+    _prove("ctrl_halt", p, depth=p.depth(), mode="bmc", script=MEM_SCRIPT, timeout=600)
+
+
+@pytest.mark.slow_formal
+def test_halt_is_reached_4_words():
+    """The same for programs of 4 words (3 instructions + HALT), MATMULs of up to 5 vectors,
+    POSTs of up to 5 rows, POOLs of up to 8 window reads: within 45 busy cycles (depth 52)."""
+    bound = halt_bound(HALT_CFG_4, HALT_CFG_4.imem_depth, POOL_WORK_4)
+    p = HaltReached(HALT_CFG_4, bound, pool_work=POOL_WORK_4)
+    _prove("ctrl_halt4", p, depth=p.depth(), mode="bmc", script=MEM_SCRIPT, timeout=3000)
+
+
+def test_program_without_halt_is_caught():
+    """The liveness check can fail: without the HALT assumption (e.g. three NOPs, which the front
+    end fetches round and round), busy outlasts a bound of 6 cycles."""
+    p = HaltReached(HALT_CFG, 6, assume_halt=False)
+    res = formal.check("ctrl_halt_no_halt", p, p.ports(), mode="bmc", depth=p.depth(), timeout=600,
+                       script=MEM_SCRIPT)
     assert res.status == "FAIL", res.summary()
