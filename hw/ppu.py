@@ -74,7 +74,7 @@ class RequantLane(wiring.Component):
 
 
 class RoundClamp(wiring.Component):
-    """Stages 3 and 4 of :class:`RequantLane`: ``y = clamp(zp + round_shift(prod, shift), lo, hi)``
+    """The last two stages of :class:`RequantLane`: ``y = clamp(zp + round_shift(prod, shift), lo, hi)``
     (its own component so a formal check can take it alone at the real width)."""
 
     LATENCY = 2

@@ -173,7 +173,7 @@ def _prove(name, proof, depth, mode="prove", script="", timeout=600):
 
 
 class RoundClampProof(Elaboratable):
-    """The lane's stages 3-4 (:class:`hw.ppu.RoundClamp`) alone: y == clamp(zp + round(prod / 2**shift),
+    """The lane's last two stages (:class:`hw.ppu.RoundClamp`) alone: y == clamp(zp + round(prod / 2**shift),
     lo, hi) for every product of the register's full width (no multiplier in the proof, so it runs
     at the real widths) and every constant zero point / bounds. ``shift=s`` fixes the shift to
     the constant ``s`` (one job per shift value: with a free shift, two 57-bit barrel shifters in
@@ -233,7 +233,7 @@ class RoundClampEveryShift(Elaboratable):
 
 
 class MulStageProof(Elaboratable):
-    """The lane's stages 1-2 at the real width: the product register (the input of its
+    """The lane's stages before its RoundClamp (bias add, multiplies, their sum) at the real width: the product register (the input of its
     :class:`hw.ppu.RoundClamp`) equals (acc + bias) * mult + res * res_mult exactly (computed
     here at a width where nothing can overflow), for every acc/res stream and constant bias,
     mult and res_mult; shift, zero point and bounds reach the RoundClamp unchanged and its output
@@ -258,8 +258,9 @@ class MulStageProof(Elaboratable):
         x = Signal(signed(W))
         mult = d.mult.as_signed() if self.signed_mult else d.mult
         m.d.comb += x.eq((d.acc + d.bias) * mult + d.res * d.res_mult)
-        expect = _pipe(m, x, 2, "prod")
-        with m.If(_valid_after(m, 2)):
+        lat = RequantLane.LATENCY - RoundClamp.LATENCY  # stages before the RoundClamp
+        expect = _pipe(m, x, lat, "prod")
+        with m.If(_valid_after(m, lat)):
             m.d.comb += Assert(rc.prod == expect)
         m.d.comb += [Assert(rc.shift == d.shift), Assert(rc.zp == d.zp), Assert(rc.lo == d.lo),
                      Assert(rc.hi == d.hi), Assert(d.y == rc.y)]
@@ -296,8 +297,8 @@ def _round_clamp(name: str, shift: int):
 
 @pytest.mark.parametrize("shift", FAST_SHIFTS)
 def test_round_clamp_real_width(shift):
-    """Stages 3-4 of the lane at the real width (55-bit product, W8A8 int), a few shifts. BMC from
-    reset at depth 4 covers every input: the stages hold nothing older than 2 cycles."""
+    """The lane's last two stages at the real width (55-bit product, W8A8 int), a few shifts. BMC
+    from reset at depth 4 covers every input: the stages hold nothing older than 2 cycles."""
     _round_clamp("int_w8a8", shift)
 
 
@@ -313,15 +314,17 @@ def test_round_clamp_real_width_every_shift(name):
 
 @pytest.mark.parametrize("name", list(REAL_PPU))
 def test_mul_stage_real_width(name):
-    """Stages 1-2 of the lane at the real width (every acc, bias, res, 24-bit mult and res_mult).
-    BMC from reset at depth 4 covers every input (nothing older than 2 cycles is held)."""
-    _prove(f"mul_{name}", MulStageProof(REAL_PPU[name]), depth=4, mode="bmc")
+    """The lane's stages before the RoundClamp at the real width (every acc, bias, res, 24-bit
+    mult and res_mult). BMC from reset one cycle deeper than those stages covers every input."""
+    lat = RequantLane.LATENCY - RoundClamp.LATENCY
+    _prove(f"mul_{name}", MulStageProof(REAL_PPU[name]), depth=lat + 2, mode="bmc")
 
 
 def test_wrong_mul_spec_is_caught():
     """The real-width product check can fail: against ``mult`` read as signed."""
     p = MulStageProof(REAL_PPU["int_w8a8"], signed_mult=True)
-    res = formal.check("mul_signed_mult", p, p.ports(), mode="bmc", depth=4, timeout=600)
+    res = formal.check("mul_signed_mult", p, p.ports(), mode="bmc",
+                       depth=RequantLane.LATENCY - RoundClamp.LATENCY + 2, timeout=600)
     assert res.status == "FAIL", res.summary()
 
 
@@ -540,9 +543,10 @@ class HostIsolation(Elaboratable):
 #: program written, started, and 8 busy cycles of free host traffic); at 11+ boolector does not
 #: finish within 10 minutes (two copies of the datapath, multipliers included).
 ADDR_DEPTH = 24
-#: The read check is harder for the solver (the window address multipliers feed it): depth 20
-#: (the host writes a program, starts it, and its first ~15 cycles of engine reads).
-READ_DEPTH = 20
+#: The read check is harder for the solver (the window address generators feed it): depth 16
+#: (the host writes a program, starts it, and ~11 cycles of engine reads); depth 20 reached
+#: step 17 in 30 min on a loaded machine, writes-only depth 24 took 146 s on the same config.
+READ_DEPTH = 16
 ISO_DEPTH = 10
 #: Memories as flip-flops (the configs are tiny): boolector handles them far better than arrays
 #: (address proof: depth 16 took 207 s with arrays, depth 20 56 s mapped; the miter got stuck at
