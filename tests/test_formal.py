@@ -545,7 +545,7 @@ class HostIsolation(Elaboratable):
 ADDR_DEPTH = 24
 #: The read check is harder for the solver (the window address generators feed it): depth 16
 #: (the host writes a program, starts it, and ~11 cycles of engine reads); depth 20 reached
-#: step 17 in 30 min on a loaded machine, writes-only depth 24 took 146 s on the same config.
+#: step 17 in 30 min on a loaded machine, where writes-only depth 24 took 115 s (depth 16: 670 s).
 READ_DEPTH = 16
 ISO_DEPTH = 10
 #: Memories as flip-flops (the configs are tiny): boolector handles them far better than arrays
