@@ -1,4 +1,4 @@
-"""``python -m bench [--only NAME[,NAME...]] [--quick] [--jobs N] [--images N] [--out DIR] [--report-only]``
+"""``python -m bench [--only NAME[,NAME...]] [--quick] [--jobs N] [--images N] [--out DIR] [--report-only] [--readme FILE] [--timeout S] [--budget S]``
 
 Runs Quarry's benchmarks. Each benchmark is a module ``bench.<name>`` listed in
 :data:`BENCHMARKS` that defines
@@ -6,10 +6,13 @@ Runs Quarry's benchmarks. Each benchmark is a module ``bench.<name>`` listed in
 * ``DESCRIPTION`` — one line for ``--list``;
 * ``run(ctx: bench.common.Context) -> dict`` — measures and returns JSON-able results;
 * ``plot(results: dict, path: Path)`` — writes the PNG;
-* ``markdown(results: dict, meta: dict) -> str`` — a Markdown report (optional).
+* ``markdown(results: dict, meta: dict) -> str`` — a Markdown report (optional);
+* ``summary(results: dict, meta: dict) -> str`` — its headline figures for README.md (optional).
 
 and this driver writes ``<out>/<name>.json`` (``{"meta": ..., "results": ...}``), ``<name>.png``
-and ``<name>.md``, each atomically. Adding a benchmark = adding a module and its name here.
+and ``<name>.md``, each atomically, then regenerates the results block of README.md from every
+``<out>/*.json`` (:mod:`bench.readme`; only when ``<out>`` is bench/results or ``--readme`` names
+the file). Adding a benchmark = adding a module and its name here.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import readme
 from .common import ROOT, BenchError, Context, run_meta, write_json, write_text
 
 #: Benchmark modules, in the order ``python -m bench`` runs them.
@@ -63,10 +67,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="worker processes for golden-model runs (default: 2 or the CPU count if smaller)")
     p.add_argument("--images", type=_positive, default=None,
                    help="test images per data set (default: 1000, or 200 with --quick)")
+    p.add_argument("--timeout", type=_positive, default=None, metavar="SECONDS",
+                   help="per-run timeout of external tools (area_sweep; default: the benchmark's own)")
+    p.add_argument("--budget", type=_positive, default=None, metavar="SECONDS",
+                   help="wall-time budget per benchmark: those that support it (area_sweep) start no new "
+                        "runs after it and list the rest as not run")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="result directory")
+    p.add_argument("--readme", type=Path, default=None,
+                   help="README whose generated results block to rewrite (default: README.md when --out is "
+                        "bench/results, else none)")
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     p.add_argument("--report-only", action="store_true",
-                   help="re-render the PNG and Markdown from the existing JSON results, measure nothing")
+                   help="re-render the PNG, Markdown and README block from the existing JSON results, "
+                        "measure nothing")
     args = p.parse_args(argv)
     if args.list:
         for name in BENCHMARKS:
@@ -85,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         started = time.time()
         ctx = Context(quick=args.quick, jobs=args.jobs, images=args.images, out=args.out,
-                      log=lambda s: print(s, file=sys.stderr, flush=True))
+                      timeout=args.timeout, budget=args.budget, log=lambda s: print(s, file=sys.stderr, flush=True))
         try:
             results = mod.run(ctx)
         except BenchError as e:
@@ -97,6 +110,16 @@ def main(argv: list[str] | None = None) -> int:
         _report(mod, out, results, meta)
         print(f"{name}: {meta['wall_seconds']:.0f} s -> {out}.json, .png"
               + (", .md" if hasattr(mod, "markdown") else ""), file=sys.stderr)
+    target = args.readme
+    if target is None and args.out.resolve() == (ROOT / "bench" / "results").resolve():
+        target = readme.DEFAULT_README
+    if target is not None:
+        try:
+            changed = readme.update(target, args.out, BENCHMARKS)
+        except (OSError, BenchError) as e:
+            print(f"python -m bench: error: {target}: {e}", file=sys.stderr)
+            return 2
+        print(f"{target}: results block {'regenerated' if changed else 'unchanged'}", file=sys.stderr)
     return 0
 
 

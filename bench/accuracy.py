@@ -206,6 +206,30 @@ def _label(s) -> str:
     return f"{s['method']} / w {s['weight_method']} / bc {s['bias_correction']}"
 
 
+def _summary_table(res: dict) -> list[str]:
+    lines = ["| data set | float | bits | recommended | Δ | best | Δ | best setting | wmem bytes |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for ds, d in res["datasets"].items():
+        for wb, ab in BITS:
+            b = _best(res["settings"], ds, wb, ab)
+            r = _find(res["settings"], ds, wb, ab, **RECOMMENDED)
+            if b:
+                rec = f"{r['top1']:.2%} | {_pt(r['delta'])}" if r else "– | –"
+                lines.append(f"| {ds} | {d['float_top1']:.2%} | W{wb}A{ab} | {rec} | {b['top1']:.2%} | "
+                             f"{_pt(b['delta'])} | {_label(b)} | {b['wmem_bytes']} |")
+    return lines
+
+
+def summary(res: dict, meta: dict) -> str:
+    g = res["grid"]
+    n = len(g["methods"]) * len(g["weight_methods"]) * len(g["bias_corrections"])
+    return "\n".join([
+        f"Post-training quantization of the default model, {g['images']} test images per data set on the golden "
+        f"model, {res['config']['rows']}x{res['config']['cols']}. *recommended*: {_label(RECOMMENDED)}, fixed in "
+        f"advance; *best*: the best of {n} settings picked on the same test images (optimistic).", "",
+        *_summary_table(res)])
+
+
 def markdown(res: dict, meta: dict) -> str:
     g = res["grid"]
     lines = [
@@ -234,17 +258,8 @@ def markdown(res: dict, meta: dict) -> str:
         f"{len(g['methods']) * len(g['weight_methods']) * len(g['bias_corrections'])} noisy estimates; "
         f"one image is {100 / g['images']:.1f} pt).",
         "",
-        "| data set | float | bits | recommended | Δ | best | Δ | best setting | wmem bytes |",
-        "|---|---|---|---|---|---|---|---|---|",
+        *_summary_table(res),
     ]
-    for ds, d in res["datasets"].items():
-        for wb, ab in BITS:
-            b = _best(res["settings"], ds, wb, ab)
-            r = _find(res["settings"], ds, wb, ab, **RECOMMENDED)
-            if b:
-                rec = f"{r['top1']:.2%} | {_pt(r['delta'])}" if r else "– | –"
-                lines.append(f"| {ds} | {d['float_top1']:.2%} | W{wb}A{ab} | {rec} | {b['top1']:.2%} | "
-                             f"{_pt(b['delta'])} | {_label(b)} | {b['wmem_bytes']} |")
     for ds, d in res["datasets"].items():
         tr = d.get("training") or {}
         lines += ["", f"## {ds}: {d['images']} test images, float top-1 {d['float_top1']:.2%} "

@@ -150,3 +150,14 @@ def plot(res: dict, path: Path) -> None:
     save_figure(fig, path)
     plt.close(fig)
 
+
+
+def summary(res: dict, meta: dict) -> str:
+    lines = ["| build | config | target MHz | Fmax MHz | result | logic | FF | BRAM | DSP | cycles/image |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["builds"]:
+        lut = _res(r, "logic_cells") if "logic_cells" in r["resources"] else _res(r, "lut")
+        verdict = "pass" if r["pass"] else f"fail: {r['failure']}"
+        lines.append(f"| {r['label']} | {r['config']} | {r['target_mhz']:g} | {_fmax(r)} | {verdict} | {lut} | "
+                     f"{_res(r, 'ff')} | {_res(r, 'bram')} | {_res(r, 'dsp')} | {r['cycles_per_image']:,} |")
+    return "\n".join(lines)

@@ -15,6 +15,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["BenchError", "Context", "ROOT", "run_meta", "write_text", "write_bytes", "write_json", "save_figure",
+__all__ = ["BenchError", "Context", "ROOT", "tool", "run_meta", "write_text", "write_bytes", "write_json", "save_figure",
            "progress", "golden_logits", "GoldenRunner", "Checkpoint", "fingerprint"]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +47,20 @@ class Context:
     images: int | None = None
     out: Path = ROOT / "bench" / "results"
     log: Callable[[str], None] = print
+    #: Per-run timeout in seconds for benchmarks that run external tools (``None``: their default).
+    timeout: float | None = None
+    #: Wall-time budget in seconds: benchmarks that support it start no new runs after it.
+    budget: float | None = None
+
+
+def tool(name: str) -> str | None:
+    """Path of a command-line tool: on PATH, or next to this Python (the venv's ``bin``, which is
+    not on PATH when the venv's python is run directly); None if neither."""
+    found = shutil.which(name)
+    if found:
+        return found
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else None
 
 
 # -- metadata ------------------------------------------------------------------------------------

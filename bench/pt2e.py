@@ -252,3 +252,30 @@ def plot(res: dict, path: Path) -> None:
                  f"{res['images']} test images")
     save_figure(fig, path)
     plt.close(fig)
+
+
+_SUMMARY_COLUMNS = (("float", "float"), ("quarry_recommended", "Quarry PTQ recommended"),
+                    ("pt2e_hist_quarry", "PT2E hist (default), Quarry"),
+                    ("pt2e_mse_quarry", "PT2E quarry_observer(mse), Quarry"),
+                    ("pt2e_torchw_quarry", "PT2E torch weight observer, Quarry"),
+                    ("x86_torch", "X86InductorQuantizer, PyTorch"))
+
+
+def summary(res: dict, meta: dict) -> str:
+    lines = [f"PT2E (`QuarryQuantizer`) against Quarry's own PTQ and PyTorch's `X86InductorQuantizer`, "
+             f"{res['images']} test images per data set, {res['config']['rows']}x{res['config']['cols']}; every "
+             "Quarry number is the compiled program on the golden model.", "",
+             "| data set | bits | " + " | ".join(label for _, label in _SUMMARY_COLUMNS) + " |",
+             "|---|---|" + "---|" * len(_SUMMARY_COLUMNS)]
+    for r in res["rows"]:
+        lines.append(f"| {r['dataset']} | W{r['w_bits']}A{r['a_bits']} | "
+                     + " | ".join(_pct(r.get(k)) for k, _ in _SUMMARY_COLUMNS) + " |")
+    agree = [r[k] for r in res["rows"] for k in ("pt2e_torchw_agree", "pt2e_hist_agree", "pt2e_minmax_agree",
+                                                  "pt2e_mse_agree") if k in r]
+    rtl = res.get("rtl", [])
+    lines += ["", (f"The PT2E graph in PyTorch and its Quarry program predict the same class on "
+                   f"{min(agree):.1%}–{max(agree):.1%} of the images. " if agree else "")
+              + (f"RTL == golden on the PT2E programs: "
+                 + ", ".join(f"{t['dataset']} W{t['w_bits']}A{t['a_bits']} {'yes' if t['equal'] else 'NO'} "
+                             f"({t['images']} images)" for t in rtl) + "." if rtl else "")]
+    return "\n".join(lines)

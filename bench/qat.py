@@ -245,3 +245,27 @@ def plot(res: dict, path: Path) -> None:
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
+
+
+def summary(res: dict, meta: dict) -> str:
+    dss = list(res["datasets"])
+    keys = dict.fromkeys(r["key"] for r in res["rows"])
+    labels = {r["key"]: r["label"] for r in res["rows"]}
+    lines = [f"Low bits (W*b*A*b*), {res['images']} test images per data set; QAT epochs "
+             + ", ".join(f"{ds} {e}" for ds, e in res["epochs"].items())
+             + f"; PTQ = {res['ptq']['method']} / {res['ptq']['weight_method']} / {res['ptq']['bias_correction']}; "
+             "*mixed*: per-layer weight bits under the same total weight bits as uniform *b*. "
+             "Top-1 (vs float); float " + ", ".join(f"{ds} {d['float_top1']:.1%}" for ds, d in res["datasets"].items())
+             + ".", "",
+             "| b | " + " | ".join(f"{ds} {labels[k]}" for ds in dss for k in keys) + " |",
+             "|---|" + "---|" * (len(dss) * len(keys))]
+    for b in sorted({r["bits"] for r in res["rows"]}):
+        cells = []
+        for ds in dss:
+            f = res["datasets"][ds]["float_top1"]
+            for k in keys:
+                r = _row(res, ds, k, b)
+                cells.append("–" if r is None else f"{r['top1']:.1%} ({_pt(r['top1'] - f)})")
+        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    lines += ["", *(f"Paper: {v}." for v in res["papers"].values())]
+    return "\n".join(lines)

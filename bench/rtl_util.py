@@ -125,3 +125,23 @@ def plot(res: dict, path) -> None:
     ax.set_title("GEMM on the RTL (Verilator): MACs / (cycles x rows x cols)")
     save_figure(fig, path)
     plt.close(fig)
+
+
+def summary(res: dict, meta: dict) -> str:
+    g = res["gemm"]
+    lines = []
+    for variant, what in (("to_acc", "results left in the accumulators"),
+                          ("requant", "every output block requantized by POST into the scratchpad")):
+        u = [x["utilisation"] for x in g if x["variant"] == variant]
+        if u:
+            lines.append(f"{what}: {min(u):.1%}–{max(u):.1%} PE utilisation"
+                         + (" (POST does not overlap the next block's MATMULs)" if variant == "requant" else ""))
+    errs = [abs(x["predicted_cycles"] - x["rtl_cycles"]) / x["rtl_cycles"] for x in g]
+    exact = sum(x["predicted_cycles"] == x["rtl_cycles"] for x in g)
+    arrays = ", ".join(sorted({x["array"] for x in g}))
+    text = (f"GEMMs (M >= 256) on the RTL under Verilator ({arrays}, W8A8): " + "; ".join(lines) + ". "
+            f"Cycle model (`hw/timing.py` via the golden model) vs RTL: {exact} of {len(g)} runs equal, "
+            f"largest error {max(errs):.2%}.")
+    v = res["verilog_generation"]
+    return text + (f" Verilog generation {v['config']}: {v['generation_seconds']} s, {v['verilog_lines']:,} lines, "
+                   f"peak {v['peak_rss_mb']} MB.")

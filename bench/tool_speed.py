@@ -194,3 +194,18 @@ def plot(res: dict, path: Path) -> None:
     a2.legend(fontsize=8)
     save_figure(fig, path)
     plt.close(fig)
+
+
+def summary(res: dict, meta: dict) -> str:
+    gen = ", ".join(f"{g['pe']} {g['generate_seconds']} s / {g['peak_rss_mb']:.0f} MB" for g in res["generation"])
+    lines = [f"`hw.build` (W4A4 int, generate + peak memory): {gen}.", "",
+             "| Verilator (W4A4 GEMM) | OPT_FAST | build s | simulated cycles/s | cycles == golden |",
+             "|---|---|---|---|---|"]
+    for v in res["verilator"]:
+        lines.append(f"| {v['pe']} | {v['opt']} | {v['build_seconds']} | {v['cycles_per_second']:,} | "
+                     f"{'yes' if v['cycles_match_golden'] else 'NO'} |")
+    comp = "; ".join(f"{c['setting']} {c['seconds']} s" for c in res["compile"])
+    g = res["golden"]
+    lines += ["", f"Compiling the default model for 16x16 ({res['compile'][0]['calibration_images']} calibration "
+              f"images): {comp}. Golden model: {g['images_per_second']} images/s ({g['setting']}, one process)."]
+    return "\n".join(lines)

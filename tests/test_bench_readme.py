@@ -1,0 +1,53 @@
+"""The benchmark driver's README block."""
+
+import shutil
+
+import pytest
+
+from bench import readme
+from bench.__main__ import BENCHMARKS, main
+from bench.common import ROOT, BenchError
+
+RESULTS = ROOT / "bench" / "results"
+
+
+def test_committed_readme_block_is_what_the_committed_results_render_to():
+    """Re-running `python -m bench --report-only` on the committed JSON must not change README.md:
+    a figure in the block that no longer matches bench/results/*.json fails here."""
+    committed = readme.current_block((ROOT / "README.md").read_text())
+    assert committed == readme.render(RESULTS, BENCHMARKS), \
+        "README.md's results block is stale: run `python -m bench --report-only` and commit README.md"
+
+
+def test_report_only_rewrites_only_the_block(tmp_path):
+    for f in RESULTS.glob("*.json"):
+        shutil.copy(f, tmp_path / f.name)
+    text = (ROOT / "README.md").read_text()
+    stale = readme.splice(text, "| stale | 1 |")
+    (tmp_path / "README.md").write_text(stale)
+    assert main(["--report-only", "--only", "rtl_util", "--out", str(tmp_path),
+                 "--readme", str(tmp_path / "README.md")]) == 0
+    assert (tmp_path / "README.md").read_text() == text
+    assert (tmp_path / "rtl_util.png").stat().st_size > 0 and (tmp_path / "rtl_util.md").exists()
+
+
+def test_block_markers_are_required(tmp_path, capsys):
+    with pytest.raises(BenchError):
+        readme.splice("# no markers\n", "x")
+    with pytest.raises(BenchError):
+        readme.splice(f"{readme.END}\n{readme.BEGIN}\n", "x")
+    shutil.copy(RESULTS / "rtl_util.json", tmp_path / "rtl_util.json")
+    (tmp_path / "README.md").write_text("# hand-written only\n")
+    assert main(["--report-only", "--only", "rtl_util", "--out", str(tmp_path),
+                 "--readme", str(tmp_path / "README.md")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "README.md" in err[0]
+    assert (tmp_path / "README.md").read_text() == "# hand-written only\n"
+
+
+def test_results_outside_bench_results_leave_the_readme_alone(tmp_path):
+    shutil.copy(RESULTS / "rtl_util.json", tmp_path / "rtl_util.json")
+    before = (ROOT / "README.md").read_text()
+    assert main(["--report-only", "--only", "rtl_util", "--out", str(tmp_path)]) == 0
+    assert (ROOT / "README.md").read_text() == before
+
