@@ -30,7 +30,7 @@ from .common import ROOT, BenchError, Context, run_meta, write_json, write_text
 
 #: Benchmark modules, in the order ``python -m bench`` runs them.
 BENCHMARKS = ("accuracy", "rtl_util", "cycles", "tool_speed", "pot_accuracy", "dsconv", "qat", "boards", "pe_area",
-              "pt2e")
+              "area_sweep", "pt2e")
 
 
 class _Parser(argparse.ArgumentParser):
