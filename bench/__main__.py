@@ -60,7 +60,7 @@ def _positive(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = _Parser(prog="python -m bench", description="Quarry benchmarks; results go to bench/results/.")
-    p.add_argument("--only", type=_names, default=list(BENCHMARKS), metavar="NAME[,NAME]",
+    p.add_argument("--only", type=_names, default=None, metavar="NAME[,NAME]",
                    help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)})")
     p.add_argument("--quick", action="store_true", help="small smoke-test version (minutes, not tens of minutes)")
     p.add_argument("--jobs", type=_positive, default=min(2, len(os.sched_getaffinity(0))),
@@ -85,10 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         for name in BENCHMARKS:
             print(f"{name:12s} {importlib.import_module(f'.{name}', __package__).DESCRIPTION}")
         return 0
-    for name in args.only:
+    for name in args.only or BENCHMARKS:
         mod = importlib.import_module(f".{name}", __package__)
         out = args.out / name
         if args.report_only:
+            if args.only is None and not out.with_suffix(".json").exists():
+                print(f"{name}: no results in {args.out}, skipped", file=sys.stderr)
+                continue
             try:
                 saved = json.loads(out.with_suffix(".json").read_text())
             except (OSError, ValueError) as e:
