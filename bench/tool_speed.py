@@ -61,7 +61,8 @@ def _verilator(n: int, opt: str, work: Path, quick: bool) -> dict:
     from sim.golden import Machine
     from sim.verilator import Job, build
 
-    cfg = AccelConfig(rows=n, cols=n, w_bits=4, a_bits=4)
+    # acc_depth: the 1000-row GEMM's raw output is 4 blocks x 1000 accumulator rows.
+    cfg = AccelConfig(rows=n, cols=n, w_bits=4, a_bits=4, acc_depth=4096)
     old = os.environ.get("MAKEFLAGS")
     words = [w for w in (old or "").split() if not w.startswith("OPT_FAST=")]
     os.environ["MAKEFLAGS"] = " ".join(words + [f"OPT_FAST={opt}"])
