@@ -98,7 +98,8 @@ def run_meta(started: float, argv: list[str] | None = None, **extra) -> dict:
     if status is not None:
         # Results of other benchmarks (and the README block they regenerate) do not make the code dirty.
         status = "\n".join(l for l in status.splitlines()
-                           if l.strip() and not (l[3:].startswith("bench/results/") or l[3:] == "README.md"))
+                           if l.strip() and not (l.split(None, 1)[-1].startswith("bench/results/")
+                                                 or l.split(None, 1)[-1] == "README.md"))
     return {
         "date": _dt.datetime.fromtimestamp(started, _dt.timezone.utc).isoformat(timespec="seconds"),
         "wall_seconds": round(time.time() - started, 1),
