@@ -289,9 +289,10 @@ def _row(p) -> str:
     name = f"| {p['device']} | {p['size']}x{p['size']} | W{p['w_bits']}A{A_BITS} | {p['kind']} |"
     if p["status"] != "ok":
         return name + f" {p['status']}: {p['why']} | | | | | | |"
+    note = " (DSPs full: multipliers in LUTs)" if p.get("dsp_fallback") else ""
     ff = p.get("pnr_ff", p.get("synth_ff"))
     return (name + f" {p['fmax_mhz']:.1f} | {p['pnr_lut']:,} | {p['pnr_lut'] / p['pes']:.1f} | {ff:,} | "
-            f"{p['pnr_dsp']} | {p['pnr_bram']} | {p.get('seconds', 0):.0f} |")
+            f"{p['pnr_dsp']}{note} | {p['pnr_bram']} | {p.get('seconds', 0):.0f} |")
 
 
 def markdown(res: dict, meta: dict) -> str:
@@ -327,12 +328,16 @@ def summary(res: dict, meta: dict) -> str:
     h = headline(res)
     pts = res["points"]
     n_ok = sum(p["status"] == "ok" for p in pts)
-    lines = [f"Array area and Fmax (`python -m bench --only area_sweep`, [bench/results/area_sweep.md]"
-             f"(bench/results/area_sweep.md)): {n_ok} of {len(pts)} design points placed and routed"
-             f"{' (quick subset)' if res['quick'] else ''}; `SystolicArray` with registered I/O, W*x*A{A_BITS}, "
-             "nextpnr seed 1, out of context on the ECP5-85F."]
+    lines = [f"`SystolicArray` with registered I/O, W2/4/8 A{A_BITS}, yosys + nextpnr (seed 1): {n_ok} of {len(pts)} "
+             f"design points placed and routed{' (quick subset)' if res['quick'] else ''}, the rest listed in the "
+             "report. ECP5-85F out of context, with DSP inference (multipliers in LUTs when they do not fit the DSPs)."]
     if h.get("fmax_range"):
         lines[-1] += f" ECP5 Fmax {h['fmax_range'][0]:.0f}–{h['fmax_range'][1]:.0f} MHz."
+    ice = _ok(pts, device="ice40-up5k")
+    if ice:
+        lines[-1] += (f" iCE40 UP5K (no DSP, serial I/O): {len(ice)} points fit, "
+                      + ", ".join(f"{p['size']}x{p['size']} W{p['w_bits']} {p['kind']} {p['pnr_lut']:,} LC "
+                                  f"{p['fmax_mhz']:.0f} MHz" for p in ice if p["w_bits"] == 4) + ".")
     sizes = sorted({p["size"] for p in pts if p["device"] == "ecp5-85f"})
     if sizes:
         lines += ["", "| ECP5-85F | " + " | ".join(f"{n}x{n}" for n in sizes) + " |",
@@ -349,7 +354,7 @@ def summary(res: dict, meta: dict) -> str:
                         cells.append(p["status"])
                     else:
                         cells.append(f"{p['pnr_lut'] / p['pes']:.0f} LUT/PE, {p['pnr_dsp']} DSP, "
-                                     f"{p['fmax_mhz']:.0f} MHz")
+                                     f"{p['fmax_mhz']:.0f} MHz" + (" (no DSP)" if p["flow"] == "ecp5_nodsp" else ""))
                 if any(c != "–" for c in cells):
                     lines.append(f"| W{w} {kind} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
