@@ -181,7 +181,9 @@ def markdown(res: dict, meta: dict) -> str:
         "correction, the rows then use the PTQ above); activations stay b bits. At b = 2 the budget leaves no "
         "choice (2 bits is the narrowest width), so the mixed rows repeat the uniform ones. *weight bits* = sum of weights x the layer's "
         "bits (the packed size); *wmem bytes* = the weight-memory rows the program uses x 16 lanes x 8 bits "
-        "(weights are stored unpacked in the 8-bit wmem until the packed ROM exists).", "",
+        "(these programs were compiled without `--packed-weights`, so every weight takes an 8-bit lane; with it, "
+        "a layer of k-bit weights stores 8 // k per lane: the README's mixed-precision section measures 233 "
+        "instead of 505 wmem rows for a 3-bit-per-weight budget).", "",
     ]
     for ds, d in res["datasets"].items():
         lines += [f"## {ds}: float top-1 {d['float_top1']:.2%}, {d['weights']} weights", "",
