@@ -73,6 +73,17 @@ def round_half_away(m: Module, x, s, width: int):
     return out
 
 
+def _assert_zp_clamp(m, d, r, W, latency):
+    """Assert ``d.y == clamp(r + d.zp, d.lo, d.hi)`` ``latency`` cycles after ``r`` (``W`` bits)."""
+    z = Signal(signed(W + 2))
+    m.d.comb += z.eq(r + d.zp)
+    spec = Signal(signed(W + 2))
+    m.d.comb += spec.eq(Mux(z < d.lo, d.lo, Mux(z > d.hi, d.hi, z)))
+    expect = _pipe(m, spec, latency, "spec")
+    with m.If(_valid_after(m, latency)):
+        m.d.comb += Assert(d.y == expect)
+
+
 class PpuProof(Elaboratable):
     """RequantLane output == clamp(zp + round(((acc + bias) * mult + res * res_mult) / 2**shift), lo, hi)
     for every acc/res stream and every constant parameter set (lo <= hi not even required)."""
@@ -96,13 +107,7 @@ class PpuProof(Elaboratable):
         else:  # floor(x / 2**s + 1/2)
             r = Signal(signed(W + 1))
             m.d.comb += r.eq(Mux(d.shift == 0, x, (x + (Const(1, signed(W + 1)) << (d.shift - 1)[:len(d.shift)])) >> d.shift))
-        z = Signal(signed(W + 2))
-        m.d.comb += z.eq(r + d.zp)
-        spec = Signal(signed(W + 2))
-        m.d.comb += spec.eq(Mux(z < d.lo, d.lo, Mux(z > d.hi, d.hi, z)))
-        expect = _pipe(m, spec, RequantLane.LATENCY, "spec")
-        with m.If(_valid_after(m, RequantLane.LATENCY)):
-            m.d.comb += Assert(d.y == expect)
+        _assert_zp_clamp(m, d, r, W, RequantLane.LATENCY)
         return m
 
     def ports(self):
@@ -194,13 +199,7 @@ class RoundClampProof(Elaboratable):
             formal.hold(m, p)
         W = RequantLane.prod_bits(self.cfg) + 2
         r = round_half_away(m, d.prod, d.shift, W)
-        z = Signal(signed(W + 2))
-        m.d.comb += z.eq(r + d.zp)
-        spec = Signal(signed(W + 2))
-        m.d.comb += spec.eq(Mux(z < d.lo, d.lo, Mux(z > d.hi, d.hi, z)))
-        expect = _pipe(m, spec, RoundClamp.LATENCY, "spec")
-        with m.If(_valid_after(m, RoundClamp.LATENCY)):
-            m.d.comb += Assert(d.y == expect)
+        _assert_zp_clamp(m, d, r, W, RoundClamp.LATENCY)
         return m
 
     def ports(self):
