@@ -240,6 +240,17 @@ def run(ctx: Context) -> dict:
     return out
 
 
+def _suite_table(res: dict, pes: int) -> list[str]:
+    """Markdown rows of the per-suite totals: cycles, utilisation and the ratio to SCALE-Sim."""
+    lines = ["| suite | MACs | ideal | Quarry | SCALE-Sim | Quarry util | SCALE-Sim util | Quarry / SCALE-Sim |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, s in res["suites"].items():
+        lines.append(f"| {name} | {s['macs']:,} | {s['ideal']:,} | {s['quarry']:,} | {s['scalesim']:,} | "
+                     f"{s['macs'] / (s['quarry'] * pes):.1%} | {s['macs'] / (s['scalesim'] * pes):.1%} | "
+                     f"{s['quarry'] / s['scalesim']:.2f} |")
+    return lines
+
+
 def markdown(res: dict, meta: dict) -> str:
     c = res["config"]
     lines = [f"# Cycles per layer: Quarry vs ideal vs SCALE-Sim ({c['rows']}x{c['cols']}, weight stationary, "
@@ -257,12 +268,7 @@ def markdown(res: dict, meta: dict) -> str:
         lines.append(f"| {r['suite']} | {r['name']} | {r['macs']:,} | {r['ideal']:,} | {r['quarry_cycles']:,} | "
                      f"{r['scalesim_cycles']:,} | {r['quarry_util']:.1%} | {r['scalesim_util']:.1%} | "
                      f"{r['quarry_over_scalesim']:.2f} |")
-    lines += ["", "| suite | MACs | ideal | Quarry | SCALE-Sim | Quarry util | SCALE-Sim util | Quarry / SCALE-Sim |",
-              "|---|---|---|---|---|---|---|---|"]
-    for name, s in res["suites"].items():
-        lines.append(f"| {name} | {s['macs']:,} | {s['ideal']:,} | {s['quarry']:,} | {s['scalesim']:,} | "
-                     f"{s['macs'] / (s['quarry'] * c['rows'] * c['cols']):.1%} | "
-                     f"{s['macs'] / (s['scalesim'] * c['rows'] * c['cols']):.1%} | {s['quarry'] / s['scalesim']:.2f} |")
+    lines += ["", *_suite_table(res, c["rows"] * c["cols"])]
     for mdl in res["models"]:
         lines += ["", f"## {mdl['name']} (default model, MNIST), end to end", "",
                   f"{mdl['cycles']:,} cycles per image for {mdl['macs']:,} MACs: {mdl['utilisation']:.1%} of "
@@ -325,12 +331,7 @@ def summary(res: dict, meta: dict) -> str:
         if big:
             lines[-1] += (f" Of those, the {len(big)} with >= {BIG_MAP} output positions (where the weight preload "
                           f"and pipeline fill are amortised): {min(big):.1%}–{max(big):.1%}.")
-    lines += ["", "| suite | MACs | ideal | Quarry | SCALE-Sim | Quarry util | SCALE-Sim util | Quarry / SCALE-Sim |",
-              "|---|---|---|---|---|---|---|---|"]
-    for name, s in res["suites"].items():
-        lines.append(f"| {name} | {s['macs']:,} | {s['ideal']:,} | {s['quarry']:,} | {s['scalesim']:,} | "
-                     f"{s['macs'] / (s['quarry'] * pes):.1%} | {s['macs'] / (s['scalesim'] * pes):.1%} | "
-                     f"{s['quarry'] / s['scalesim']:.2f} |")
+    lines += ["", *_suite_table(res, pes)]
     tot_q = sum(s["quarry"] for s in res["suites"].values())
     tot_s = sum(s["scalesim"] for s in res["suites"].values())
     lines.append(f"| all | {sum(s['macs'] for s in res['suites'].values()):,} | "
