@@ -6,7 +6,7 @@ import bisect
 
 import numpy as np
 
-from hw import isa
+from hw import isa, timing
 from hw.config import AccelConfig
 from hw.isa import PoolMode
 from hw.program import Program, pack_rows
@@ -199,9 +199,14 @@ class ProgramBuilder:
         self.add(pool2d(self.cfg, x, y, mode, kernel, stride=stride, padding=padding), name)
         return y
 
+    def schedule(self) -> list[isa.Instr]:
+        """The program's instructions, HALT included, with MATMUL ``overlap`` bits set where a
+        MATMUL may stream while the previous POST runs (:func:`hw.timing.mark_overlaps`)."""
+        return timing.mark_overlaps(self.cfg, self.instrs + [isa.halt()])
+
     def build(self, manifest: dict | None = None) -> Program:
         cfg = self.cfg
-        instrs = self.instrs + [isa.halt()]
+        instrs = self.schedule()
         self._need("imem", len(instrs), None)
         images = {}
         if self._wmem:

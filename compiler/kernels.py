@@ -203,6 +203,10 @@ def conv2d(cfg: AccelConfig, x: SpadTensor, y: SpadTensor, w: np.ndarray, rq: Re
         return len(scale_rows) - 1
 
     n_rq = len(k.params["bias"])
+    # A block's POSTs are emitted after the next block's first PRELOAD: that PRELOAD fills its
+    # bank while the array drains (POST waits for the array), and the MATMUL behind it may
+    # overlap the POSTs (``overlap``, set by ``hw.timing.mark_overlaps``).
+    posts: list[isa.Instr] = []
     wrows = []
     wcount = 0
     tile = 0
@@ -236,6 +240,8 @@ def conv2d(cfg: AccelConfig, x: SpadTensor, y: SpadTensor, w: np.ndarray, rq: Re
                 bank = tile % 2
                 tile += 1
                 k.instrs.append(isa.preload(bank=bank, w_addr=w_base + woff, n_rows=n_rows, pack_bits=pack_bits))
+                k.instrs.extend(posts)
+                posts.clear()
                 k.instrs.append(isa.matmul(
                     bank=bank, accumulate=t > 0, a_signed=x.signed,
                     spad_base=x.block_base(cfg, cb) + skip * x.w, in_h=x.h - skip, in_w=x.w,
@@ -245,12 +251,13 @@ def conv2d(cfg: AccelConfig, x: SpadTensor, y: SpadTensor, w: np.ndarray, rq: Re
             if acc_out:
                 continue
             for src, b, dst, n in _post_segments(cfg, j, cout):
-                k.instrs.append(isa.post(
+                posts.append(isa.post(
                     acc_base=acc_base, spad_base=y.block_base(cfg, b) + r0 * ow, n=(r1 - r0) * ow,
                     param_addr=param_base + j, src_lane=src, dst_lane=dst, n_lanes=n,
                     zp=rq.zp, lo=rq.lo, hi=rq.hi,
                     res_base=None if residual is None else residual.block_base(cfg, b) + r0 * ow,
                     res_signed=bool(residual is not None and residual.signed)))
+    k.instrs.extend(posts)
     k.wmem = np.concatenate(wrows) if wrows else np.zeros((0, C), np.int64)
     if scale_rows:
         zeros = np.zeros((len(scale_rows), C), np.int64)

@@ -321,7 +321,7 @@ def _lower(qg: QGraph, layers, reuse_spad: bool, quant, first) -> Program:
         if last[l.name] == i and l.name in tensors and l.name != inp.name:
             b.free(tensors[l.name])  # nobody reads it (cannot happen for live layers, but harmless)
     manifest = {
-        "predicted_cycles": _predict_cycles(cfg, b.instrs, layers_info),
+        "predicted_cycles": _predict_cycles(cfg, b.schedule(), layers_info),
         "input": {"spad_base": tensors[inp.name].base, "shape": list(inp.shape),
                   "scale": qg.layers[inp.name].scale, "signed": qg.layers[inp.name].signed,
                   # the input's code range: narrower than the array's when quantized at fewer bits
@@ -342,7 +342,7 @@ def _predict_cycles(cfg, instrs, layers_info) -> int:
     """Set each layer's ``predicted_cycles`` (:class:`hw.timing.CycleModel`: from the previous
     layer's last completion to its own) and return the program's total, which is what the RTL's
     cycle counter reads after HALT (the golden model and the RTL tests reproduce it exactly)."""
-    issue, done, total = timing.predict(cfg, list(instrs) + [isa.halt()])
+    issue, done, total = timing.predict(cfg, instrs)
     pc, prev = 0, 0
     for info in layers_info:
         n = info.get("instructions", 0)

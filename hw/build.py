@@ -63,6 +63,7 @@ def build(cfg: AccelConfig, out: Path, rom: Path | None = None) -> dict:
         "pe_kind": cfg.pe_kind,
         "pe_count": cfg.pe_count,
         "packed_weights": cfg.packed_weights,
+        "post_overlap": cfg.post_overlap,
         "acc_width": cfg.acc_width,
         "memory_bits": cfg.memory_bits(),
         "verilog_lines": text.count("\n"),
@@ -89,7 +90,7 @@ def config_from_args(args) -> AccelConfig:
     if args.abits is not None:
         kw["a_bits"] = args.abits
     for name in ("pe_kind", "spad_depth", "acc_depth", "wmem_depth", "imem_depth", "param_depth", "acc_bits",
-                 "block_scale", "packed_weights"):
+                 "block_scale", "packed_weights", "post_overlap"):
         v = getattr(args, name)
         if v is not None:
             kw[name] = v
@@ -110,6 +111,9 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--packed-weights", dest="packed_weights", action="store_true", default=None,
                    help="store weights narrower than w_bits packed in wmem (PRELOAD pack_bits; "
                         "mixed precision and low-bit models take fewer weight rows)")
+    p.add_argument("--no-post-overlap", dest="post_overlap", action="store_false", default=None,
+                   help="MATMUL always waits for POST (one accumulator read port, half the accumulator "
+                        "block RAM; default: the next block's MATMULs stream while POST runs)")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -49,7 +49,7 @@ def _clog2(n: int) -> int:
 
 
 #: Fields added after the first release, with the default that means "as before".
-_LATER_FIELDS = {"block_scale": False, "packed_weights": False}
+_LATER_FIELDS = {"block_scale": False, "packed_weights": False, "post_overlap": True}
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,11 @@ class AccelConfig:
     #: ``w_bits // k`` array rows of ``k``-bit INT weights, sign-extended by the loader on their
     #: way to the array (a field selector per column; PRELOAD timing is unchanged).
     packed_weights: bool = False
+    #: MATMUL/POST overlap: POST gets its own accumulator read port (the accumulator memory is
+    #: duplicated) and MATMUL an ``overlap`` bit, so the next output block's MATMULs can stream
+    #: while POST requantizes the previous one (``hw.timing`` for the rules). Off: MATMUL always
+    #: waits for POST, one accumulator read port.
+    post_overlap: bool = True
 
     def __post_init__(self):
         def check_int(name, lo, hi):
@@ -105,7 +110,7 @@ class AccelConfig:
         check_int("cols", 1, _MAX_DIM)
         check_int("w_bits", _MIN_BITS, _MAX_BITS)
         check_int("a_bits", _MIN_BITS, _MAX_BITS)
-        for name in ("block_scale", "packed_weights"):
+        for name in ("block_scale", "packed_weights", "post_overlap"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, f"{name} must be true or false, not {getattr(self, name)!r}")
         if self.pe_kind not in PE_KINDS:
@@ -291,4 +296,4 @@ class AccelConfig:
         return (f"{self.rows}x{self.cols} {self.pe_kind} W{self.w_bits}A{self.a_bits} "
                 f"acc{self.acc_width} spad{self.spad_depth} accmem{self.acc_depth} "
                 f"wmem{self.wmem_depth} imem{self.imem_depth}" + (" blockscale" if self.block_scale else "")
-                + (" packed" if self.packed_weights else ""))
+                + (" packed" if self.packed_weights else "") + ("" if self.post_overlap else " no-overlap"))

@@ -146,6 +146,10 @@ FIELDS: dict[Opcode, tuple[Field, ...]] = {
         _f("scale_addr", lambda c: c.param_addr_bits if c.block_scale else 0,
            "block_scale configs only (else 0 bits): param row whose per-lane mult/shift rescale the "
            "sums, round_shift(sum * mult, shift), before they are accumulated (DSConv block scales)"),
+        _f("overlap", lambda c: 1 if c.post_overlap else 0,
+           "post_overlap configs only (else 0 bits): 1 = may issue while the previous POST still runs "
+           "(hw.timing.overlap_hazard: reads no spad row that POST writes, writes each acc row after "
+           "POST has read it; sim.golden rejects a program that breaks this)"),
     ),
     Opcode.POST: (
         _f("acc_base", lambda c: c.acc_addr_bits, "first acc row"),
@@ -555,11 +559,12 @@ def preload(*, bank: int, w_addr: int, n_rows: int, pack_bits: int = 0) -> Instr
 def matmul(*, bank: int, spad_base: int, acc_base: int, in_h: int = 1, in_w: int, out_h: int = 1,
            out_w: int, stride_h: int = 1, stride_w: int = 1, off_h: int = 0, off_w: int = 0,
            accumulate: bool = False, a_signed: bool = False, pot: bool = False,
-           scale_addr: int = 0) -> Instr:
+           scale_addr: int = 0, overlap: bool = False) -> Instr:
     return Instr(Opcode.MATMUL, dict(
         bank=bank, accumulate=int(accumulate), a_signed=int(a_signed), spad_base=spad_base,
         in_h=in_h, in_w=in_w, out_h=out_h, out_w=out_w, stride_h=stride_h, stride_w=stride_w,
-        off_h=off_h, off_w=off_w, acc_base=acc_base, pot=int(pot), scale_addr=scale_addr))
+        off_h=off_h, off_w=off_w, acc_base=acc_base, pot=int(pot), scale_addr=scale_addr,
+        overlap=int(overlap)))
 
 
 def post(*, acc_base: int, spad_base: int, n: int, param_addr: int, n_lanes: int, lo: int, hi: int,

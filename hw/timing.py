@@ -10,12 +10,15 @@ decode register); at most one instruction issues per cycle.
 
 from __future__ import annotations
 
+import copy
+
 from . import isa
 from .config import AccelConfig
 from .isa import Opcode
 from .ppu import RequantLane
 
-__all__ = ["FIRST_ISSUE", "PE_STAGES", "array_latency", "preload_busy", "matmul_drain", "matmul_latency", "post_latency", "pool_latency", "CycleModel", "predict"]
+__all__ = ["FIRST_ISSUE", "PE_STAGES", "array_latency", "preload_busy", "matmul_drain", "matmul_latency", "post_latency", "pool_latency", "CycleModel", "predict",
+           "HazardError", "overlap_hazard", "matmul_spad_span", "mark_overlaps"]
 
 #: Cycle in which the first instruction can issue: imem read (1) + decode register (1).
 FIRST_ISSUE = 2
@@ -70,13 +73,60 @@ def pool_latency(cfg: AccelConfig) -> int:
     return 5
 
 
+class HazardError(isa.IsaError):
+    """A MATMUL with ``overlap = 1`` conflicts with the POST it overlaps (see :func:`overlap_hazard`)."""
+
+
+def matmul_spad_span(a) -> tuple[int, int] | None:
+    """First and last spad row a MATMUL (argument dict) reads, over the window positions inside
+    the input (``None`` if every position is padding)."""
+    def axis(n_out, stride, off, n_in):
+        lo = max(0, -(off // stride) if off < 0 else 0)
+        hi = min(n_out - 1, (n_in - 1 - off) // stride) if n_in - 1 - off >= 0 else -1
+        return (lo * stride + off, hi * stride + off) if lo <= hi else None
+
+    h = axis(a["out_h"], a["stride_h"], a["off_h"], a["in_h"])
+    w = axis(a["out_w"], a["stride_w"], a["off_w"], a["in_w"])
+    if h is None or w is None:
+        return None
+    return a["spad_base"] + h[0] * a["in_w"] + w[0], a["spad_base"] + h[1] * a["in_w"] + w[1]
+
+
+def overlap_hazard(cfg: AccelConfig, post, post_issue: int, mm, mm_issue: int) -> str | None:
+    """Why a MATMUL (arguments ``mm``, issuing in ``mm_issue``) may not overlap the POST
+    (``post``, issued in ``post_issue``) still running, or ``None`` if it may.
+
+    Overlapping, the two must not exchange data through memory, since the program means POST to
+    finish first: the MATMUL reads no spad row POST writes (its window's row span and POST's rows
+    are disjoint), and it writes every acc row that POST reads strictly after POST read it. POST
+    reads acc row ``acc_base + i`` in cycle ``post_issue + 1 + i``; MATMUL writes vector ``j``'s
+    row in cycle ``mm_issue + j + matmul_latency`` (address cycle ``mm_issue + 1 + j``, then the
+    pipeline). Both advance one row per cycle, so one comparison covers every shared row."""
+    if mm_issue >= post_issue + post["n"] + post_latency(cfg):
+        return None  # POST has finished
+    span = matmul_spad_span(mm)
+    p0, p1 = post["spad_base"], post["spad_base"] + post["n"] - 1
+    if span is not None and span[0] <= p1 and p0 <= span[1]:
+        return (f"it reads spad rows {span[0]}..{span[1]}, and the POST it overlaps writes "
+                f"rows {p0}..{p1}")
+    m = mm["out_h"] * mm["out_w"]
+    a0, a1 = max(mm["acc_base"], post["acc_base"]), min(mm["acc_base"] + m, post["acc_base"] + post["n"]) - 1
+    if a0 <= a1 and mm_issue + matmul_latency(cfg) + post["acc_base"] - mm["acc_base"] <= post_issue + 1:
+        return (f"it writes acc row {a0} in cycle {mm_issue + a0 - mm['acc_base'] + matmul_latency(cfg)}, "
+                f"before the POST it overlaps reads it (cycle {post_issue + 1 + a0 - post['acc_base']})")
+    return None
+
+
 class CycleModel:
     """Event model of the RTL's issue rules: when each instruction issues and completes.
 
     Rules: one instruction per cycle at most, in order. PRELOAD needs the loader free and its
     bank drained of the previous MATMUL on it. MATMUL needs the matmul engine free (it may
-    issue in the cycle of the previous one's last vector), its bank loaded and POST/POOL idle.
-    Everything else waits for every engine to be idle.
+    issue in the cycle of the previous one's last vector), its bank loaded and POST/POOL idle;
+    with ``overlap = 1`` (``post_overlap`` configs) only POOL idle and a running POST past its
+    spad reads (a residual POST reads spad, one row per cycle), and it must pass
+    :func:`overlap_hazard` (else :class:`HazardError`). Everything else waits for every engine
+    to be idle.
     """
 
     def __init__(self, cfg: AccelConfig):
@@ -87,7 +137,14 @@ class CycleModel:
         self.bank_free = [0, 0]
         self.mm_free = 0
         self.pipe_idle = 0
-        self.misc_free = 0
+        self.misc_free = 0  # POST or POOL done
+        self.pool_free = 0
+        self.post = None  # (issue, args) of the last POST
+
+    def clone(self) -> "CycleModel":
+        c = copy.copy(self)
+        c.bank_ready, c.bank_free = list(self.bank_ready), list(self.bank_free)
+        return c
 
     def all_idle(self):
         return max(self.loader_free, self.mm_free, self.pipe_idle, self.misc_free,
@@ -104,7 +161,17 @@ class CycleModel:
             self.loader_free = self.bank_ready[a["bank"]] = done
         elif op is Opcode.MATMUL:
             m = a["out_h"] * a["out_w"]
-            issue = max(self.t, self.mm_free, self.bank_ready[a["bank"]], self.misc_free)
+            if a["overlap"]:
+                wait = self.pool_free
+                if self.post is not None and self.post[1]["res_en"]:
+                    wait = max(wait, self.post[0] + self.post[1]["n"] + 1)
+            else:
+                wait = self.misc_free
+            issue = max(self.t, self.mm_free, self.bank_ready[a["bank"]], wait)
+            if a["overlap"] and self.post is not None:
+                why = overlap_hazard(cfg, self.post[1], self.post[0], a, issue)
+                if why:
+                    raise HazardError(f"MATMUL with overlap = 1 issuing in cycle {issue}: {why}")
             self.mm_free = issue + m
             b = a["bank"]
             self.bank_free[b] = max(self.bank_free[b], issue + m + 1 + matmul_drain(cfg))
@@ -114,10 +181,11 @@ class CycleModel:
             issue = max(self.t, self.all_idle())
             done = issue + a["n"] + post_latency(cfg)
             self.misc_free = done
+            self.post = (issue, a)
         elif op is Opcode.POOL:
             issue = max(self.t, self.all_idle())
             done = issue + a["out_h"] * a["out_w"] * a["k_h"] * a["k_w"] + pool_latency(cfg)
-            self.misc_free = done
+            self.misc_free = self.pool_free = done
         else:  # SYNC, HALT
             issue = max(self.t, self.all_idle())
             done = issue
@@ -138,3 +206,36 @@ def predict(cfg: AccelConfig, instrs) -> tuple[list[int], list[int], int]:
         if ins.op is Opcode.HALT:
             return issue, done, i + 1
     return issue, done, (max(done) + 1 if done else 0)
+
+
+def mark_overlaps(cfg: AccelConfig, instrs) -> list[isa.Instr]:
+    """``instrs`` with ``overlap = 1`` on every MATMUL that would otherwise wait for a running
+    POST and may overlap it (:func:`overlap_hazard`), and 0 on every other MATMUL. On a config
+    without ``post_overlap`` the instructions are returned unchanged. One pass of the cycle
+    model; a MATMUL's overlap only moves its issue earlier, and each decision is taken with the
+    issue cycles of everything before it final."""
+    instrs = list(instrs)
+    if not cfg.post_overlap:
+        return instrs
+    model = CycleModel(cfg)
+    out = []
+    for ins in instrs:
+        if ins.op is Opcode.MATMUL:
+            plain = isa.Instr(Opcode.MATMUL, {**ins.args, "overlap": 0})
+            fast = isa.Instr(Opcode.MATMUL, {**ins.args, "overlap": 1})
+            trial = model.clone()
+            try:
+                early = trial.step(fast)[0] < model.clone().step(plain)[0]
+            except HazardError:
+                early = False
+            ins = fast if early else plain
+            if early:
+                model = trial
+                out.append(ins)
+                continue
+        model.step(ins)
+        out.append(ins)
+        if ins.op is Opcode.HALT:
+            out.extend(instrs[len(out):])
+            break
+    return out

@@ -113,8 +113,13 @@ class QuarryTop(wiring.Component):
         acc_w = accm.write_port()
         # Transparent: a MATMUL accumulating into the row written in the same cycle sees the new value.
         acc_r = accm.read_port(transparent_for=(acc_w,))
+        # POST's own accumulator read port on post_overlap configs (yosys duplicates the memory),
+        # so the next block's MATMULs can accumulate while POST reads. It never reads a row in the
+        # cycle it is written (hw.timing.overlap_hazard), so it needs no transparency.
+        acc_pr = accm.read_port() if cfg.post_overlap else acc_r
         param_w = param.write_port()
-        param_r = param.read_port()
+        param_r = param.read_port()  # POST's; block rescale reads its own when they can overlap
+        param_bs = param.read_port() if cfg.block_scale and cfg.post_overlap else param_r
 
         busy = Signal()
         done = Signal()
@@ -216,6 +221,8 @@ class QuarryTop(wiring.Component):
 
         # -- post / pool engines ------------------------------------------------------------------------
         misc_busy = Signal()  # POST or POOL running (including its pipeline)
+        pool_busy = Signal()  # POOL running (including its pipeline)
+        po_spad = Signal()  # POST reading spad (a residual POST's address phase)
 
         all_idle = ~ld_busy & ~mm_busy & (pipe_cnt == 0) & ~misc_busy
 
@@ -228,7 +235,9 @@ class QuarryTop(wiring.Component):
                 b = a_pre.bank
                 m.d.comb += can.eq(~ld_busy & (Array(drain)[b] == 0) & ~(mm_busy & (mm["bank"] == b)))
             with m.Case(Opcode.MATMUL):
-                m.d.comb += can.eq((~mm_busy | mm_last) & ~(ld_busy & (ld_bank == a_mm.bank)) & ~misc_busy)
+                # overlap = 1: only POOL and a POST's spad reads hold it (the spad read port).
+                mm_wait = Mux(a_mm.overlap, pool_busy | po_spad, misc_busy) if cfg.post_overlap else misc_busy
+                m.d.comb += can.eq((~mm_busy | mm_last) & ~(ld_busy & (ld_bank == a_mm.bank)) & ~mm_wait)
             with m.Default():
                 m.d.comb += can.eq(all_idle)
         m.d.comb += issue.eq(busy & dvalid & can)
@@ -348,7 +357,7 @@ class QuarryTop(wiring.Component):
             ctl_s = Signal(ctl_layout)
             psum_s = Signal(data.ArrayLayout(signed(cfg.acc_width), C))
             m.d.sync += [ctl_s.eq(ctl_d), psum_s.eq(psum_d)]
-            srow = data.View(isa.param_row_layout(cfg), param_r.data)
+            srow = data.View(isa.param_row_layout(cfg), param_bs.data)
             prod_bits = cfg.acc_width + cfg.mult_bits + 1
             ctl_t = Signal(ctl_layout)
             prod_t = [Signal(signed(prod_bits), name=f"bs_prod{c}") for c in range(C)]
@@ -392,7 +401,9 @@ class QuarryTop(wiring.Component):
         with m.If(busy):
             m.d.comb += param_r.addr.eq(po["param_addr"])
         with m.If(po_rd):
-            m.d.comb += [acc_r.addr.eq(po["acc_base"] + po_i), spad_r.addr.eq(po["res_base"] + po_i)]
+            m.d.comb += acc_pr.addr.eq(po["acc_base"] + po_i)
+            with m.If(po["res_en"]):  # the spad read port is the MATMUL's while a POST overlaps it
+                m.d.comb += spad_r.addr.eq(po["res_base"] + po_i)
             m.d.sync += po_i.eq(po_i + 1)
             with m.If(po_i == po["n"] - 1):
                 m.d.sync += [po_busy.eq(0), po_tail.eq(RequantLane.LATENCY + 1)]
@@ -401,7 +412,7 @@ class QuarryTop(wiring.Component):
         po_valid = delay(m, po_rd, 1 + RequantLane.LATENCY, "po_v")
         po_waddr = delay(m, (po["spad_base"] + po_i)[:cfg.spad_addr_bits], 1 + RequantLane.LATENCY, "po_a")
 
-        acc_view = data.View(isa.acc_row_layout(cfg), acc_r.data)
+        acc_view = data.View(isa.acc_row_layout(cfg), acc_pr.data)
         prow = data.View(isa.param_row_layout(cfg), param_r.data)
         res_view = data.View(isa.spad_row_layout(cfg), spad_r.data)
         res_lanes = Array(_ext(res_view[r], po["res_signed"], A) for r in range(R))
@@ -546,7 +557,8 @@ class QuarryTop(wiring.Component):
         with m.If(pl_v4):
             m.d.sync += pl_o.eq(pl_o + 1)
 
-        m.d.comb += misc_busy.eq(po_busy | (po_tail != 0) | pl_busy | (pl_tail != 0))
+        m.d.comb += [pool_busy.eq(pl_busy | (pl_tail != 0)), po_spad.eq(po_busy & po["res_en"]),
+                     misc_busy.eq(po_busy | (po_tail != 0) | pool_busy)]
 
         # -- spad write port: post / pool (host handled above, only while idle) -------------------------
         with m.If(busy & po_valid):
@@ -566,19 +578,24 @@ class QuarryTop(wiring.Component):
 
         if cfg.block_scale:
             with m.If(busy & bs_read.valid):
-                m.d.comb += param_r.addr.eq(bs_read.scale)
+                m.d.comb += param_bs.addr.eq(bs_read.scale)
 
         # -- observation hook for formal checks (drives nothing) -------------------------------------------
-        # Per memory, (used, address): ``used`` is 1 in the cycle an engine puts on the read port an
-        # address whose data it will use. Engines also drive addresses whose data they drop (the
-        # loader's rows past n_rows, MATMUL/POOL padding, POST's residual read without res_en, the
-        # accumulator read of a MATMUL that overwrites); those are not "used". Host reads excluded.
+        # Per memory, a list of (used, address) per read port: ``used`` is 1 in the cycle an engine
+        # puts on the port an address whose data it will use. Engines also drive addresses whose data
+        # they drop (the loader's rows past n_rows, MATMUL/POOL padding, POST's residual read without
+        # res_en, the accumulator read of a MATMUL that overwrites); those are not "used". Host reads
+        # excluded.
         pl_inside = (pl_ih >= 0) & (pl_ih < pl["in_h"]) & (pl_iw >= 0) & (pl_iw < pl["in_w"])
+        mm_acc_rd = busy & ctl_d.valid & ctl_d.acc
+        bs_rd = (busy & bs_read.valid) if cfg.block_scale else Const(0)
         self.used_reads = {
-            "wmem": (reading & (ld_idx < ld_n), wmem_r.addr),
-            "spad": ((mm_busy & mm_inside) | (po_rd & po["res_en"]) | (pl_busy & pl_inside), spad_r.addr),
-            "acc": (po_rd | (busy & ctl_d.valid & ctl_d.acc), acc_r.addr),
-            "param": (po_rd | ((busy & bs_read.valid) if cfg.block_scale else Const(0)), param_r.addr),
+            "wmem": [(reading & (ld_idx < ld_n), wmem_r.addr)],
+            "spad": [((mm_busy & mm_inside) | (po_rd & po["res_en"]) | (pl_busy & pl_inside), spad_r.addr)],
+            "acc": ([(mm_acc_rd, acc_r.addr), (po_rd, acc_pr.addr)] if cfg.post_overlap
+                    else [(po_rd | mm_acc_rd, acc_r.addr)]),
+            "param": ([(po_rd, param_r.addr), (bs_rd, param_bs.addr)] if param_bs is not param_r
+                      else [(po_rd | bs_rd, param_r.addr)]),
         }
 
         return m

@@ -23,6 +23,12 @@ accumulated (wrapping at ``acc_width`` like every accumulation)::
 
     sum' = round_shift(sum * mult, shift)        # mult, shift: param row scale_addr
 
+Overlap (MATMUL ``overlap = 1`` on a ``post_overlap`` config): the MATMUL may run while the
+POST before it is still running. Execution here stays sequential; the cycle model
+(:class:`hw.timing.CycleModel`) raises :class:`hw.timing.HazardError` if the two would exchange
+data through memory (:func:`hw.timing.overlap_hazard`), so an accepted program means the same on
+the RTL.
+
 Requantization of one output channel (POST)::
 
     y = clamp(zp + round_shift((acc + bias) * mult + residual * res_mult, shift), lo, hi)
@@ -146,9 +152,9 @@ class Machine:
                 raise GoldenError(f"no HALT within {max_instrs} instructions")
             try:
                 res.macs += self.execute(ins)
+                issue, done = model.step(ins)  # HazardError: an overlap the RTL would not honour
             except (GoldenError, isa.IsaError) as e:
                 raise type(e)(f"instruction {pc} ({ins.op.name}): {e}") from None
-            issue, done = model.step(ins)
             res.issue.append(issue)
             res.done.append(done)
             res.executed += 1

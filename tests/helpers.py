@@ -27,7 +27,7 @@ import numpy as np
 
 from compiler import kernels
 from compiler.kernels import Kernel, KernelError, Requant, SpadTensor
-from hw import isa
+from hw import isa, timing
 from hw.config import PE_KINDS, AccelConfig
 from hw.isa import Opcode, PoolMode
 from hw.program import Program, ProgramError, pack_rows
@@ -272,6 +272,7 @@ def assemble(cfg: AccelConfig, placed: Sequence[tuple[Kernel, int, int]], *, hal
         instrs += k.instrs
     if halt:
         instrs.append(isa.halt())
+    instrs = timing.mark_overlaps(cfg, instrs)  # as ProgramBuilder.schedule does
     images = {}
     if w_end:
         images["wmem"] = pack_rows(isa.wmem_row_layout(cfg), wmem)

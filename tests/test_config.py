@@ -157,9 +157,11 @@ def test_json_round_trip(cfg):
     back = AccelConfig.from_json(text)
     assert back == cfg
     assert back.to_json() == text
-    # Every field, except later additions (block_scale, packed_weights) left at their default value.
+    # Every field, except later additions left at their default value (block_scale and
+    # packed_weights off, post_overlap on).
     full = dataclasses.asdict(cfg)
-    assert json.loads(text) == {k: v for k, v in full.items() if k not in ("block_scale", "packed_weights") or v}
+    later = {"block_scale": False, "packed_weights": False, "post_overlap": True}
+    assert json.loads(text) == {k: v for k, v in full.items() if k not in later or v != later[k]}
     assert AccelConfig.from_dict(cfg.to_dict()) == cfg
 
 
@@ -191,6 +193,7 @@ ALTERNATIVES = {
     "acc_depth": 512, "wmem_depth": 2048, "imem_depth": 512, "param_depth": 32, "acc_bits": 30,
     "mult_bits": 16, "shift_bits": 5, "pool_mult_bits": 8, "dim_bits": 8, "block_scale": True,
     "packed_weights": True,
+    "post_overlap": False,
 }
 
 

@@ -470,11 +470,12 @@ class AddressSafety(Elaboratable):
         for name, mem in self.mems.items():
             for i, wp in enumerate(mem.write_ports if self.writes else ()):
                 m.d.comb += Assert(~wp.en.any() | (wp.addr < mem.depth))
-        for name, (used, addr) in t.used_reads.items():
-            if self.reads == "used":
-                m.d.comb += Assert(~used | (addr < self.mems[name].depth))
-            elif self.reads == "driven":
-                m.d.comb += Assert(~t.busy | (addr < self.mems[name].depth))
+        for name, ports in t.used_reads.items():
+            for used, addr in ports:
+                if self.reads == "used":
+                    m.d.comb += Assert(~used | (addr < self.mems[name].depth))
+                elif self.reads == "driven":
+                    m.d.comb += Assert(~t.busy | (addr < self.mems[name].depth))
         return m
 
     def ports(self):
