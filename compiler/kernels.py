@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hw import isa
+from hw import isa, timing
 from hw.config import AccelConfig
 from hw.isa import PoolMode
 
@@ -126,7 +126,8 @@ def _post_segments(cfg: AccelConfig, j: int, cout: int):
 def conv2d(cfg: AccelConfig, x: SpadTensor, y: SpadTensor, w: np.ndarray, rq: Requant, *,
            stride=(1, 1), padding=(0, 0), groups: int = 1, w_base: int = 0, param_base: int = 0,
            acc_base: int = 0, acc_rows: int | None = None, residual: SpadTensor | None = None,
-           acc_out: bool = False, pot: bool = False, block_scale=None, pack_bits: int = 0) -> Kernel:
+           acc_out: bool = False, pot: bool = False, block_scale=None, pack_bits: int = 0,
+           tail_rows: int | None = None) -> Kernel:
     """Convolution (and, with a 1x1 kernel on a 1xM image, a GEMM) into ``y``.
 
     ``w`` has shape (Cout, Cin/groups, kh, kw), signed integers of ``cfg.w_bits``. For each
@@ -171,6 +172,37 @@ def conv2d(cfg: AccelConfig, x: SpadTensor, y: SpadTensor, w: np.ndarray, rq: Re
         raise KernelError(memory_message(cfg, "acc", ow, acc_rows, " for one output row"))
     rows_per_chunk = min(oh, acc_rows // ow)
     n_blocks = -(-cout // C)
+    # Passes: (output block, output rows r0..r1-1), each MATMULs over every weight tile then POST.
+    # Ping-pong: on a post_overlap config, consecutive passes take turns in the two halves of the
+    # acc rows, so a pass's POSTs run while the next pass's MATMULs stream, and those need not
+    # wait for the array to drain (hw.timing.post_hazard). The last pass's POST is the one
+    # nothing overlaps: it may be split off as a short pass of ``tail_rows`` output rows
+    # (``None``: the cycle model picks, 0: no split).
+    half = acc_rows // 2
+    pp_ok = cfg.post_overlap and not acc_out and half >= ow
+    if pp_ok and (n_blocks > 1 or oh > rows_per_chunk):
+        rows_per_chunk = min(oh, half // ow)
+    chunks = {j: [(r0, min(oh, r0 + rows_per_chunk)) for r0 in range(0, oh, rows_per_chunk)]
+              for j in range(n_blocks)}
+    if pp_ok and tail_rows is None:
+        r0, r1 = chunks[n_blocks - 1][-1]
+        best = None
+        for t in [0] + sorted({-(-(r1 - r0) // n) for n in range(2, min(r1 - r0, 16) + 1)}):
+            if t and max(r1 - r0 - t, t) * ow > half:
+                continue
+            kt = conv2d(cfg, x, y, w, rq, stride=stride, padding=padding, groups=groups, w_base=w_base,
+                        param_base=param_base, acc_base=acc_base, acc_rows=acc_rows, residual=residual,
+                        acc_out=acc_out, pot=pot, block_scale=block_scale, pack_bits=pack_bits, tail_rows=t)
+            cyc = timing.predict(cfg, timing.mark_overlaps(cfg, kt.instrs + [isa.halt()]))[2]
+            if best is None or cyc < best[0]:
+                best = (cyc, kt)
+        return best[1]
+    if tail_rows:
+        r0, r1 = chunks[n_blocks - 1].pop()
+        if not 0 < tail_rows < r1 - r0 or max(r1 - r0 - tail_rows, tail_rows) * ow > half or not pp_ok:
+            raise KernelError(f"tail_rows {tail_rows}: cannot split the last pass of rows {r0}..{r1 - 1}")
+        chunks[n_blocks - 1] += [(r0, r1 - tail_rows), (r1 - tail_rows, r1)]
+    pingpong = pp_ok and sum(map(len, chunks.values())) > 1
     if acc_out and n_blocks * oh * ow > acc_rows:
         raise KernelError(memory_message(cfg, "acc", n_blocks * oh * ow, acc_rows, " for the raw output"))
     if pack_bits:
@@ -203,10 +235,13 @@ def conv2d(cfg: AccelConfig, x: SpadTensor, y: SpadTensor, w: np.ndarray, rq: Re
         return len(scale_rows) - 1
 
     n_rq = len(k.params["bias"])
-    # A block's POSTs are emitted after the next block's first PRELOAD: that PRELOAD fills its
-    # bank while the array drains (POST waits for the array), and the MATMUL behind it may
-    # overlap the POSTs (``overlap``, set by ``hw.timing.mark_overlaps``).
+    # A pass's POSTs are emitted inside the next pass: without ping-pong after its first PRELOAD
+    # (which fills its bank while the array drains for the POSTs; the MATMULs behind may overlap
+    # the POSTs), with ping-pong after as many of its MATMULs as cover the array's drain (the
+    # POSTs then overlap those MATMULs, the rest overlap the POSTs). ``overlap`` bits: set by
+    # ``hw.timing.mark_overlaps`` where the timing allows.
     posts: list[isa.Instr] = []
+    n_pass = 0
     wrows = []
     wcount = 0
     tile = 0
@@ -231,28 +266,36 @@ def conv2d(cfg: AccelConfig, x: SpadTensor, y: SpadTensor, w: np.ndarray, rq: Re
                     wcount += len(rows)
         if not tiles:  # an all-zero block still needs its acc rows cleared
             tiles.append((0, 0, 0, wcount, 0, scale_row(j, 0, 0, 0) if cfg.block_scale else 0))
-        for r0 in range(0, oh, rows_per_chunk):
-            r1 = min(oh, r0 + rows_per_chunk)
+        for r0, r1 in chunks[j]:
             top = r0 * sh - ph  # input row of window tap 0 for output row r0
             skip = max(0, top)
-            base = acc_base + j * oh * ow if acc_out else acc_base
+            base = acc_base + j * oh * ow if acc_out else acc_base + (n_pass % 2) * half if pingpong else acc_base
+            n_pass += 1
+            # MATMULs of this pass ahead of the previous pass's POSTs (ping-pong).
+            ahead = -(-(timing.matmul_latency(cfg) - 1) // ((r1 - r0) * ow))
             for t, (dy, dx, cb, woff, n_rows, srow) in enumerate(tiles):
                 bank = tile % 2
                 tile += 1
                 k.instrs.append(isa.preload(bank=bank, w_addr=w_base + woff, n_rows=n_rows, pack_bits=pack_bits))
-                k.instrs.extend(posts)
-                posts.clear()
+                if not pingpong:
+                    k.instrs.extend(posts)
+                    posts.clear()
                 k.instrs.append(isa.matmul(
                     bank=bank, accumulate=t > 0, a_signed=x.signed,
                     spad_base=x.block_base(cfg, cb) + skip * x.w, in_h=x.h - skip, in_w=x.w,
                     out_h=r1 - r0, out_w=ow, stride_h=sh, stride_w=sw,
                     off_h=top - skip + dy, off_w=dx - pw, acc_base=base, pot=pot,
                     scale_addr=param_base + n_rq + srow if cfg.block_scale else 0))
+                if t + 1 >= ahead:
+                    k.instrs.extend(posts)
+                    posts.clear()
+            k.instrs.extend(posts)
+            posts.clear()
             if acc_out:
                 continue
             for src, b, dst, n in _post_segments(cfg, j, cout):
                 posts.append(isa.post(
-                    acc_base=acc_base, spad_base=y.block_base(cfg, b) + r0 * ow, n=(r1 - r0) * ow,
+                    acc_base=base, spad_base=y.block_base(cfg, b) + r0 * ow, n=(r1 - r0) * ow,
                     param_addr=param_base + j, src_lane=src, dst_lane=dst, n_lanes=n,
                     zp=rq.zp, lo=rq.lo, hi=rq.hi,
                     res_base=None if residual is None else residual.block_base(cfg, b) + r0 * ow,

@@ -165,6 +165,10 @@ FIELDS: dict[Opcode, tuple[Field, ...]] = {
         _f("res_en", 1, "add residual: spad[res_base + i] lane * res_mult before rounding"),
         _f("res_signed", 1, "residual activations are signed"),
         _f("res_base", lambda c: c.spad_addr_bits, "first spad row of the residual tensor"),
+        _f("overlap", lambda c: 1 if c.post_overlap else 0,
+           "post_overlap configs only (else 0 bits): 1 = may issue while earlier MATMULs still stream "
+           "or drain (hw.timing.post_hazard: every acc row it reads is final before it reads it, it "
+           "writes no spad row they read; a residual POST still waits for their spad reads)"),
     ),
     Opcode.POOL: (
         _f("mode", PoolMode, "MAX or AVG"),
@@ -569,11 +573,11 @@ def matmul(*, bank: int, spad_base: int, acc_base: int, in_h: int = 1, in_w: int
 
 def post(*, acc_base: int, spad_base: int, n: int, param_addr: int, n_lanes: int, lo: int, hi: int,
          src_lane: int = 0, dst_lane: int = 0, zp: int = 0, res_base: int | None = None,
-         res_signed: bool = False) -> Instr:
+         res_signed: bool = False, overlap: bool = False) -> Instr:
     return Instr(Opcode.POST, dict(
         acc_base=acc_base, spad_base=spad_base, n=n, param_addr=param_addr, src_lane=src_lane,
         dst_lane=dst_lane, n_lanes=n_lanes, zp=zp, lo=lo, hi=hi, res_en=int(res_base is not None),
-        res_signed=int(res_signed), res_base=res_base or 0))
+        res_signed=int(res_signed), res_base=res_base or 0, overlap=int(overlap)))
 
 
 def pool(*, mode: PoolMode, src_base: int, dst_base: int, in_h: int, in_w: int, out_h: int,

@@ -18,7 +18,7 @@ from .isa import Opcode
 from .ppu import RequantLane
 
 __all__ = ["FIRST_ISSUE", "PE_STAGES", "array_latency", "preload_busy", "matmul_drain", "matmul_latency", "post_latency", "pool_latency", "CycleModel", "predict",
-           "HazardError", "overlap_hazard", "matmul_spad_span", "mark_overlaps"]
+           "HazardError", "overlap_hazard", "post_hazard", "matmul_spad_span", "mark_overlaps"]
 
 #: Cycle in which the first instruction can issue: imem read (1) + decode register (1).
 FIRST_ISSUE = 2
@@ -74,7 +74,8 @@ def pool_latency(cfg: AccelConfig) -> int:
 
 
 class HazardError(isa.IsaError):
-    """A MATMUL with ``overlap = 1`` conflicts with the POST it overlaps (see :func:`overlap_hazard`)."""
+    """A MATMUL or POST with ``overlap = 1`` conflicts with what it overlaps (see
+    :func:`overlap_hazard`, :func:`post_hazard`)."""
 
 
 def matmul_spad_span(a) -> tuple[int, int] | None:
@@ -117,6 +118,28 @@ def overlap_hazard(cfg: AccelConfig, post, post_issue: int, mm, mm_issue: int) -
     return None
 
 
+def post_hazard(cfg: AccelConfig, mm, mm_issue: int, post, post_issue: int) -> str | None:
+    """Why a POST (``post``, issuing in ``post_issue``) may not overlap an earlier MATMUL (``mm``,
+    issued in ``mm_issue``) still streaming or draining, or ``None`` if it may.
+
+    The program means the MATMUL to finish first: every acc row both touch must be written by
+    the MATMUL (cycle ``mm_issue + j + matmul_latency`` for vector ``j``) strictly before POST reads
+    it (cycle ``post_issue + 1 + i``), and POST writes no spad row the MATMUL reads."""
+    m = mm["out_h"] * mm["out_w"]
+    if post_issue >= mm_issue + m + matmul_latency(cfg):
+        return None  # the MATMUL has drained
+    span = matmul_spad_span(mm)
+    p0, p1 = post["spad_base"], post["spad_base"] + post["n"] - 1
+    if span is not None and span[0] <= p1 and p0 <= span[1]:
+        return (f"it writes spad rows {p0}..{p1}, and the MATMUL it overlaps reads rows "
+                f"{span[0]}..{span[1]}")
+    a0, a1 = max(mm["acc_base"], post["acc_base"]), min(mm["acc_base"] + m, post["acc_base"] + post["n"]) - 1
+    if a0 <= a1 and post_issue + 1 - post["acc_base"] <= mm_issue + matmul_latency(cfg) - mm["acc_base"]:
+        return (f"it reads acc row {a0} in cycle {post_issue + 1 + a0 - post['acc_base']}, before the "
+                f"MATMUL it overlaps writes it (cycle {mm_issue + a0 - mm['acc_base'] + matmul_latency(cfg)})")
+    return None
+
+
 class CycleModel:
     """Event model of the RTL's issue rules: when each instruction issues and completes.
 
@@ -125,8 +148,10 @@ class CycleModel:
     issue in the cycle of the previous one's last vector), its bank loaded and POST/POOL idle;
     with ``overlap = 1`` (``post_overlap`` configs) only POOL idle and a running POST past its
     spad reads (a residual POST reads spad, one row per cycle), and it must pass
-    :func:`overlap_hazard` (else :class:`HazardError`). Everything else waits for every engine
-    to be idle.
+    :func:`overlap_hazard` (else :class:`HazardError`). POST waits for every engine to be idle;
+    with ``overlap = 1`` only for POST/POOL idle (and, residual, for the MATMUL engine's spad
+    reads to end), and it must pass :func:`post_hazard` against every MATMUL still in flight.
+    Everything else waits for every engine to be idle.
     """
 
     def __init__(self, cfg: AccelConfig):
@@ -140,10 +165,11 @@ class CycleModel:
         self.misc_free = 0  # POST or POOL done
         self.pool_free = 0
         self.post = None  # (issue, args) of the last POST
+        self.mms = []  # (issue, args) of the MATMULs that may still be in flight
 
     def clone(self) -> "CycleModel":
         c = copy.copy(self)
-        c.bank_ready, c.bank_free = list(self.bank_ready), list(self.bank_free)
+        c.bank_ready, c.bank_free, c.mms = list(self.bank_ready), list(self.bank_free), list(self.mms)
         return c
 
     def all_idle(self):
@@ -177,8 +203,17 @@ class CycleModel:
             self.bank_free[b] = max(self.bank_free[b], issue + m + 1 + matmul_drain(cfg))
             done = issue + m + matmul_latency(cfg)
             self.pipe_idle = max(self.pipe_idle, done)
+            self.mms = [(i, x) for i, x in self.mms if i + x["out_h"] * x["out_w"] + matmul_latency(cfg) > issue]
+            self.mms.append((issue, a))
         elif op is Opcode.POST:
-            issue = max(self.t, self.all_idle())
+            if a["overlap"]:
+                issue = max(self.t, self.misc_free, self.mm_free + 1 if a["res_en"] else 0)
+                for mm_issue, mm in self.mms:
+                    why = post_hazard(cfg, mm, mm_issue, a, issue)
+                    if why:
+                        raise HazardError(f"POST with overlap = 1 issuing in cycle {issue}: {why}")
+            else:
+                issue = max(self.t, self.all_idle())
             done = issue + a["n"] + post_latency(cfg)
             self.misc_free = done
             self.post = (issue, a)
@@ -210,19 +245,20 @@ def predict(cfg: AccelConfig, instrs) -> tuple[list[int], list[int], int]:
 
 def mark_overlaps(cfg: AccelConfig, instrs) -> list[isa.Instr]:
     """``instrs`` with ``overlap = 1`` on every MATMUL that would otherwise wait for a running
-    POST and may overlap it (:func:`overlap_hazard`), and 0 on every other MATMUL. On a config
-    without ``post_overlap`` the instructions are returned unchanged. One pass of the cycle
-    model; a MATMUL's overlap only moves its issue earlier, and each decision is taken with the
-    issue cycles of everything before it final."""
+    POST and may overlap it (:func:`overlap_hazard`), on every POST that would otherwise wait for
+    MATMULs in flight and may overlap them (:func:`post_hazard`), and 0 on every other MATMUL and
+    POST. On a config without ``post_overlap`` the instructions are returned unchanged. One pass
+    of the cycle model; an overlap only moves an issue earlier, and each decision is taken with
+    the issue cycles of everything before it final."""
     instrs = list(instrs)
     if not cfg.post_overlap:
         return instrs
     model = CycleModel(cfg)
     out = []
     for ins in instrs:
-        if ins.op is Opcode.MATMUL:
-            plain = isa.Instr(Opcode.MATMUL, {**ins.args, "overlap": 0})
-            fast = isa.Instr(Opcode.MATMUL, {**ins.args, "overlap": 1})
+        if ins.op in (Opcode.MATMUL, Opcode.POST):
+            plain = isa.Instr(ins.op, {**ins.args, "overlap": 0})
+            fast = isa.Instr(ins.op, {**ins.args, "overlap": 1})
             trial = model.clone()
             try:
                 early = trial.step(fast)[0] < model.clone().step(plain)[0]

@@ -16,7 +16,10 @@ Engines and what they own:
 
 Hazards are kept simple and conservative: PRELOAD waits until the previous MATMUL on its bank
 has drained from the array; MATMUL waits for POST/POOL; POST, POOL, SYNC and HALT wait until
-every engine (and the array pipeline) is idle.
+every engine (and the array pipeline) is idle. On ``post_overlap`` configs a MATMUL or POST with
+its ``overlap`` bit set waits only for the engines it shares a port with (POST has its own
+accumulator read port); the program guarantees it exchanges no data with what it overlaps
+(``hw.timing.overlap_hazard`` / ``post_hazard``, checked by the golden model).
 """
 
 from __future__ import annotations
@@ -238,6 +241,11 @@ class QuarryTop(wiring.Component):
                 # overlap = 1: only POOL and a POST's spad reads hold it (the spad read port).
                 mm_wait = Mux(a_mm.overlap, pool_busy | po_spad, misc_busy) if cfg.post_overlap else misc_busy
                 m.d.comb += can.eq((~mm_busy | mm_last) & ~(ld_busy & (ld_bank == a_mm.bank)) & ~mm_wait)
+            if cfg.post_overlap:
+                with m.Case(Opcode.POST):
+                    # overlap = 1: only another POST/POOL holds it, and for a residual POST the
+                    # MATMUL engine's spad reads (the spad read port).
+                    m.d.comb += can.eq(Mux(a_post.overlap, ~misc_busy & ~(mm_busy & a_post.res_en), all_idle))
             with m.Default():
                 m.d.comb += can.eq(all_idle)
         m.d.comb += issue.eq(busy & dvalid & can)

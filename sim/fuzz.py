@@ -84,7 +84,11 @@ def fuzz_config(cfg_seed: int) -> AccelConfig:
     cover int, pot and hybrid), for every fourth seed (``cfg_seed % 4 == 3``) a narrow
     accumulator: ``acc_bits = product_bits + 1..3``, so long random reductions wrap, and for two
     seeds in five (``cfg_seed % 5`` in :data:`BLOCK_SCALE_RESIDUES`) DSConv block rescaling
-    (``block_scale=True``, ``param_depth >= 64``), whose random cases carry random block scales."""
+    (``block_scale=True``, ``param_depth >= 64``), whose random cases carry random block scales;
+    every fourth seed (``cfg_seed % 4 == 1``) packed weights (``packed_weights=True``: the random
+    INT cases pick random ``pack_bits``), and every seventh (``cfg_seed % 7 == 6``) a config
+    without MATMUL/POST overlap (``post_overlap=False``; the others overlap wherever
+    :func:`hw.timing.mark_overlaps` allows)."""
     rng = np.random.default_rng(cfg_seed)
     cfg = dataclasses.replace(helpers.random_config(rng), pe_kind=PE_KINDS[cfg_seed % len(PE_KINDS)])
     if cfg_seed % 4 == 3:
@@ -93,6 +97,10 @@ def fuzz_config(cfg_seed: int) -> AccelConfig:
         # DSConv block rescaling: the random cases add random block scales (tests.helpers.
         # random_block_scale); they take param rows per block, kernel tap and channel, hence 64.
         cfg = dataclasses.replace(cfg, block_scale=True, param_depth=max(cfg.param_depth, 64))
+    if cfg_seed % 4 == 1:
+        cfg = dataclasses.replace(cfg, packed_weights=True)
+    if cfg_seed % 7 == 6:
+        cfg = dataclasses.replace(cfg, post_overlap=False)
     return cfg
 
 

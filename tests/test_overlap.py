@@ -138,3 +138,104 @@ def test_rtl_overlap_boundary():
     report = compare(CFG, jobs, build(CFG))
     assert not report, "; ".join(f"job {m.job}: {m.kind} {m.mem} row {m.row} expected {m.expected} got {m.got}"
                                  for m in report[:5])
+
+
+# -- POST overlapping the MATMULs before it (ping-pong accumulators) ---------------------------------
+
+MM_B = 16  # rows of the MATMUL the POST is placed behind
+ACC_B = 32  # its acc rows (the other half)
+
+
+def _post_program(cfg: AccelConfig, rng, m_a: int, *, residual: bool, post_spad: int = OUT1) -> Program:
+    """MATMUL A -> acc rows 0..m_a-1; MATMUL B -> acc rows ACC_B..; POST of A placed after B (it
+    may issue while A drains and B streams); POST of B."""
+    R, C = cfg.rows, cfg.cols
+    wlo, whi = -(1 << (cfg.w_bits - 1)), (1 << (cfg.w_bits - 1)) - 1
+    wmem = rng.integers(wlo, whi + 1, (2 * R, C))
+    params = {"bias": rng.integers(-50, 50, (1, C)), "mult": rng.integers(1 << 10, 1 << 14, (1, C)),
+              "res_mult": rng.integers(1 << 10, 1 << 14, (1, C)), "shift": np.full((1, C), 14)}
+    instrs = [
+        isa.preload(bank=0, w_addr=0, n_rows=R),
+        isa.matmul(bank=0, spad_base=0, acc_base=0, in_w=m_a, out_w=m_a),
+        isa.preload(bank=1, w_addr=R, n_rows=R),
+        isa.matmul(bank=1, spad_base=X2, acc_base=ACC_B, in_w=MM_B, out_w=MM_B),
+        isa.post(acc_base=0, spad_base=post_spad, n=m_a, param_addr=0, n_lanes=C, lo=-8, hi=7,
+                 res_base=RES if residual else None, res_signed=True),
+        isa.post(acc_base=ACC_B, spad_base=OUT2, n=MM_B, param_addr=0, n_lanes=C, lo=-8, hi=7),
+        isa.halt(),
+    ]
+    images = {"wmem": pack_rows(isa.wmem_row_layout(cfg), wmem),
+              "param": pack_rows(isa.param_row_layout(cfg), params)}
+    return Program(cfg, timing.mark_overlaps(cfg, instrs), images, {})
+
+
+def _post_overlaps(prog) -> bool:
+    return bool([i for i in prog.instrs if i.op is Opcode.POST][0].args["overlap"])
+
+
+def test_post_marking_follows_the_acc_boundary():
+    """POST of A (behind MATMUL B, which issues in A's last vector cycle) reads A's row i in cycle
+    t_A + m_a + 2 + i; A writes it in cycle t_A + i + matmul_latency."""
+    rng = np.random.default_rng(5)
+    ml = timing.matmul_latency(CFG)
+    got = {m: _post_overlaps(_post_program(CFG, rng, m, residual=False)) for m in range(ml - 4, ml + 3)}
+    assert got == {m: m + 2 > ml for m in got}
+
+
+def test_golden_refuses_a_forced_post_hazard():
+    rng = np.random.default_rng(6)
+    ml = timing.matmul_latency(CFG)
+
+    def forced(prog):
+        return Program(CFG, [isa.Instr(i.op, {**i.args, "overlap": 1}) if i.op is Opcode.POST else i
+                             for i in prog.instrs], prog.images, {})
+
+    with pytest.raises(timing.HazardError, match=r"^instruction 4 \(POST\): .*reads acc row 0 in cycle"):
+        Machine(CFG).run(forced(_post_program(CFG, rng, ml - 3, residual=False)))
+    # Writing rows the MATMUL it overlaps reads is refused too.
+    with pytest.raises(timing.HazardError, match=r"writes spad rows 44\.\.56.*reads rows 40\.\.55"):
+        Machine(CFG).run(forced(_post_program(CFG, rng, ml + 1, residual=False, post_spad=X2 + 4)))
+
+
+def test_compiled_layers_ping_pong():
+    """A compiled multi-block conv alternates acc halves, overlaps POSTs both ways, and is faster
+    than the same layer on a config without overlap."""
+    from compiler.kernels import Requant, SpadTensor, conv2d
+
+    rng = np.random.default_rng(7)
+    x, y = SpadTensor(0, 8, 12, 12), SpadTensor(300, 12, 12, 12)
+    rq = Requant(bias=np.zeros(12, np.int64), mult=np.full(12, 1 << 12), shift=np.full(12, 16), zp=0, lo=0, hi=15)
+    w = rng.integers(-8, 8, (12, 8, 3, 3))
+    cycles = {}
+    for overlap in (True, False):
+        cfg = dataclasses.replace(CFG, spad_depth=1024, acc_depth=256, wmem_depth=128, post_overlap=overlap)
+        prog = timing.mark_overlaps(cfg, conv2d(cfg, x, y, w, rq, padding=(1, 1)).instrs + [isa.halt()])
+        cycles[overlap] = timing.predict(cfg, prog)[2]
+        posts = [i for i in prog if i.op is Opcode.POST]
+        if overlap:
+            assert len({p.args["acc_base"] for p in posts}) == 2
+            assert any(p.args["overlap"] for p in posts)
+            assert any(i.args["overlap"] for i in prog if i.op is Opcode.MATMUL)
+    assert cycles[True] < cycles[False]
+
+
+@pytest.mark.rtl
+def test_rtl_post_overlap_boundary():
+    """Both sides of the POST's acc boundary, with and without a residual (whose spad reads wait
+    for the MATMUL's): RTL == golden, cycles exact."""
+    from sim.rtlrun import compare
+    from sim.verilator import Job, build
+
+    rng = np.random.default_rng(8)
+    ml = timing.matmul_latency(CFG)
+    jobs, overlapped = [], []
+    for m_a in (ml - 5, ml - 3, ml - 2, ml - 1, ml, ml + 2):
+        for residual in (False, True):
+            prog = _post_program(CFG, rng, m_a, residual=residual)
+            overlapped.append(_post_overlaps(prog))
+            reads = [(HostMem.SPAD, OUT1, m_a), (HostMem.SPAD, OUT2, MM_B), (HostMem.ACC, 0, CFG.acc_depth)]
+            jobs.append(Job(prog, _spad_writes(CFG, rng), reads))
+    assert any(overlapped) and not all(overlapped)
+    report = compare(CFG, jobs, build(CFG))
+    assert not report, "; ".join(f"job {m.job}: {m.kind} {m.mem} row {m.row} expected {m.expected} got {m.got}"
+                                 for m in report[:5])
