@@ -31,7 +31,10 @@ BOARD = Board(
     platform_name="ICEBreakerPlatform",
     default_model="quarry_tiny",
     config=AccelConfig(rows=2, cols=1, w_bits=4, a_bits=4, mult_bits=12, dim_bits=5, pool_mult_bits=8,
-                       imem_depth=512, wmem_depth=512, param_depth=16, spad_depth=2048, acc_depth=256),
+                       imem_depth=512, wmem_depth=512, param_depth=16, spad_depth=2048, acc_depth=256,
+                       # No MATMUL/POST overlap: its second accumulator read port and ping-pong
+                       # regions cost block RAM and logic cells the UP5K does not have to spare.
+                       post_overlap=False),
     clk_hz=12_000_000,
     pll=False,
     # Two LEDs: green (led 1) = busy, red (led 0) = error; "done" is not shown.

@@ -173,8 +173,7 @@ def conv2d(cfg: AccelConfig, x: SpadTensor, y: SpadTensor, w: np.ndarray, rq: Re
     rows_per_chunk = min(oh, acc_rows // ow)
     n_blocks = -(-cout // C)
     # Passes: (output block, output rows r0..r1-1), each MATMULs over every weight tile then POST.
-    # Ping-pong: on a post_overlap config, consecutive passes take turns in the two halves of the
-    # acc rows, so a pass's POSTs run while the next pass's MATMULs stream, and those need not
+    # Ping-pong: on a post_overlap config, consecutive passes take turns in two acc regions, so a pass's POSTs run while the next pass's MATMULs stream, and those need not
     # wait for the array to drain (hw.timing.post_hazard). The last pass's POST is the one
     # nothing overlaps: it may be split off as a short pass of ``tail_rows`` output rows
     # (``None``: the cycle model picks, 0: no split).
@@ -203,6 +202,9 @@ def conv2d(cfg: AccelConfig, x: SpadTensor, y: SpadTensor, w: np.ndarray, rq: Re
             raise KernelError(f"tail_rows {tail_rows}: cannot split the last pass of rows {r0}..{r1 - 1}")
         chunks[n_blocks - 1] += [(r0, r1 - tail_rows), (r1 - tail_rows, r1)]
     pingpong = pp_ok and sum(map(len, chunks.values())) > 1
+    # The second half starts right after the largest pass (not at acc_rows / 2): a program takes
+    # as few acc rows as it can, so a board sized from it (boards.build.memory_needs) stays small.
+    pp_off = max((r1 - r0) * ow for c in chunks.values() for r0, r1 in c)
     if acc_out and n_blocks * oh * ow > acc_rows:
         raise KernelError(memory_message(cfg, "acc", n_blocks * oh * ow, acc_rows, " for the raw output"))
     if pack_bits:
@@ -269,7 +271,7 @@ def conv2d(cfg: AccelConfig, x: SpadTensor, y: SpadTensor, w: np.ndarray, rq: Re
         for r0, r1 in chunks[j]:
             top = r0 * sh - ph  # input row of window tap 0 for output row r0
             skip = max(0, top)
-            base = acc_base + j * oh * ow if acc_out else acc_base + (n_pass % 2) * half if pingpong else acc_base
+            base = acc_base + j * oh * ow if acc_out else acc_base + (n_pass % 2) * pp_off if pingpong else acc_base
             n_pass += 1
             # MATMULs of this pass ahead of the previous pass's POSTs (ping-pong).
             ahead = -(-(timing.matmul_latency(cfg) - 1) // ((r1 - r0) * ow))
