@@ -22,8 +22,8 @@ BOARD = Board(
     platform_module="ulx3s",
     platform_name="ULX3S_85F_Platform",
     default_model="quarry_cnn",
-    config=AccelConfig(rows=8, cols=8, w_bits=4, a_bits=4, imem_depth=256, wmem_depth=1024,
-                       param_depth=16, spad_depth=4096, acc_depth=1024),
+    config=AccelConfig(rows=8, cols=8, w_bits=4, a_bits=4, imem_depth=512, wmem_depth=1024,
+                       param_depth=16, spad_depth=4096, acc_depth=2048),
     clk_hz=50_000_000,  # PLL from the 25 MHz oscillator
     pll=True,
     # LEDs 0..2 (the row next to the buttons): busy, done, error.
