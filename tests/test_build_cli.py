@@ -43,7 +43,7 @@ def test_bad_options_exit_2_with_one_line(tmp_path, capsys, args, pattern):
 def test_build_writes_verilog_config_and_report(tmp_path, pe_kind):
     out = tmp_path / "hw"
     r = subprocess.run([sys.executable, "-m", "hw.build", "--pe", "3x2", "--wbits", "4", "--abits", "6",
-                        "--pe-kind", pe_kind,
+                        "--pe-kind", pe_kind, *(["--no-post-overlap"] if pe_kind == "hybrid" else []),
                         "--spad-depth", "64", "--acc-depth", "16", "--wmem-depth", "64", "--imem-depth", "32",
                         "--param-depth", "4", "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -51,6 +51,7 @@ def test_build_writes_verilog_config_and_report(tmp_path, pe_kind):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["rows"] == 3 and cfg["cols"] == 2 and cfg["w_bits"] == 4 and cfg["a_bits"] == 6
     assert cfg["pe_kind"] == pe_kind and info["pe_kind"] == pe_kind
+    assert info["post_overlap"] == (pe_kind != "hybrid") == AccelConfig.from_dict(cfg).post_overlap
     assert info["pe_count"] == 6 and info["acc_width"] == AccelConfig.from_dict(cfg).acc_width
     text = (out / "quarry_top.v").read_text()
     assert "module quarry_top" in text
