@@ -9,7 +9,7 @@ from amaranth.lib.wiring import In, Out
 from . import isa, timing
 from .config import AccelConfig
 
-__all__ = ["IntPE", "PotPE", "HybridPE", "PE_CLASSES", "SystolicArray", "delay", "pot_product"]
+__all__ = ["IntPE", "PotPE", "HybridPE", "PE_CLASSES", "SystolicArray", "delay", "pot_product", "pot_early", "pot_late", "pot_shift"]
 
 
 def delay(m: Module, sig, n: int, name: str = "dly"):
@@ -21,25 +21,65 @@ def delay(m: Module, sig, n: int, name: str = "dly"):
     return sig
 
 
-def pot_product(cfg: AccelConfig, code, a):
-    """``pot_decode(code) * a`` without a multiplier, as ``(term, carry)`` with
-    ``term + carry == pot_decode(code) * a``.
+def pot_shift(cfg: AccelConfig) -> tuple[bool, int]:
+    """How the PoT shifter reads a code's magnitude ``k``: ``(by_k, bits)``.
 
-    ``a`` (zeroed for the weight 0) is shifted left by ``k - 1``; a negative weight inverts the
-    shifted value and returns carry 1 (two's complement negation), so the ``+ 1`` rides on the
-    partial-sum adder's carry instead of needing an adder of its own. Zeroing the narrow input
-    rather than the wide product, and the carry trick, were chosen by synthesis: W4A8 on
-    ``synth_ice40`` 78 SB_LUT4 vs 100 for ``(zero ? 0 : sign ? -a : a) << (k - 1)`` (see
-    ``bench/pe_area.py``). Only ``pot_max_exp.bit_length()`` exponent bits reach the shifter:
-    codes above ``pot_max_exp`` are illegal (the golden model rejects them), so their high
-    exponent bits need no hardware.
+    The product ``x << (k - 1)`` is formed as ``(x << k)`` without its (zero) LSB when every
+    legal ``k`` (``0 .. pot_max_exp + 1``) fits the ``bits = pot_max_exp.bit_length()`` bits
+    that ``k - 1`` needs (``w_bits`` 3..5): that saves the decrement (W4A4: 3-4 LUTs fewer on
+    ``synth_ice40``). Otherwise (W2: no shift at all; W6..W8, where ``k`` reaches 16) it
+    shifts by ``(k - 1)[:bits]``. Only those ``bits`` reach the shifter: codes above
+    ``pot_max_exp + 1`` are illegal (the golden model rejects them), so their high magnitude
+    bits need no hardware.
+    """
+    bits = cfg.pot_max_exp.bit_length()
+    return bits > 0 and (cfg.pot_max_exp + 1).bit_length() == bits, bits
+
+
+def pot_early(cfg: AccelConfig, code, a):
+    """First half of ``pot_decode(code) * a`` (the product register's cycle):
+    ``(y, late_amount, sign)`` for :func:`pot_late`.
+
+    ``a`` is zeroed for the weight 0 (on the narrow input, not the wide product) and goes
+    through all stages of the logarithmic shifter but the last; ``late_amount`` is the shift
+    amount's last bit (empty without a shifter). Registering ``y`` there rather than the
+    finished product, so that the last shift stage and the negation share the adder's cycle
+    with one LUT level, was chosen by synthesis (``bench/pe_area.py``; W4A4 ``synth_ecp5
+    -nodsp`` 54 LUT4 equivalents vs 61 with the whole shift before the register, vs 63 with
+    all of it after; W8A8 106 vs 115).
     """
     c = data.View(isa.pot_code_layout(cfg), code)
-    x = Mux(c.mag == 0, 0, a)
-    exp_bits = cfg.pot_max_exp.bit_length()
-    shifted = x if exp_bits == 0 else x << (c.mag - 1)[:exp_bits]
-    # "-0" (sign 1, k 0) needs no special case: ~0 + 1 == 0.
-    return Mux(c.sign, ~shifted, shifted), c.sign
+    by_k, bits = pot_shift(cfg)
+    amount = c.mag[:bits] if by_k else (c.mag - 1)[:bits]
+    y = Mux(c.mag == 0, 0, a)
+    for i in range(bits - 1):
+        y = Mux(amount[i], y << (1 << i), y)
+    return y, amount[max(bits - 1, 0):], c.sign
+
+
+def pot_late(cfg: AccelConfig, y, late_amount, sign):
+    """Second half of the PoT product (the adder's cycle), from :func:`pot_early`'s
+    registered outputs: ``(term, carry)`` with ``term + carry == pot_decode(code) * a``.
+
+    The last shift stage, then a negative weight inverts the shifted value and returns carry
+    1 (two's complement negation), so the ``+ 1`` rides on the partial-sum adder's carry
+    instead of needing an adder of its own ("-0", sign 1 and k 0, needs no special case:
+    ``~0 + 1 == 0``).
+    """
+    by_k, bits = pot_shift(cfg)
+    y = y.as_signed() if hasattr(y, "as_signed") else y
+    for j in range(len(late_amount)):
+        y = Mux(late_amount[j], y << (1 << (bits - 1 + j)), y)
+    if by_k:
+        y = y[1:].as_signed()
+    return Mux(sign, ~y, y), sign
+
+
+def pot_product(cfg: AccelConfig, code, a):
+    """``pot_decode(code) * a`` without a multiplier and without a register, as
+    ``(term, carry)`` with ``term + carry == pot_decode(code) * a``: :func:`pot_late` of
+    :func:`pot_early` (the PEs register in between)."""
+    return pot_late(cfg, *pot_early(cfg, code, a))
 
 
 class _PE(wiring.Component):
@@ -47,10 +87,11 @@ class _PE(wiring.Component):
 
     Holds two weight registers (banks) so the next tile's weights load while this tile runs.
     Each cycle it passes the activation (and the bank bit travelling with it) to the right and
-    registers ``term, carry = product(weight[bank], activation)``; the next cycle it adds that
-    registered ``term + carry`` to the partial sum coming from above (one adder: the 1-bit carry
-    is its carry-in). All outputs are registered, so every PE-to-PE path is either the bank mux
-    and one multiply (or shift) or one add, at any array size: on ECP5 the multiply sits in a
+    registers :meth:`early` of ``weight[bank]`` and the activation; the next cycle :meth:`late`
+    turns those registers into ``term, carry`` and it adds ``term + carry`` to the partial sum
+    coming from above (one adder: the 1-bit carry is its carry-in). All outputs are registered,
+    so every PE-to-PE path is either the bank mux and one multiply (or most of a shift) or at
+    most one LUT level and one add, at any array size: on ECP5 the multiply sits in a
     MULT18X18D, and routing into and out of it in one cycle with the adder capped the ULX3S
     array at 49.8 MHz. The product register delays every column sum by one cycle
     (``hw.timing.PE_STAGES``); the weight is still read when the activation arrives, so bank
@@ -82,8 +123,15 @@ class _PE(wiring.Component):
             ports.update(pot_in=In(1), pot_out=Out(1))
         super().__init__(ports)
 
-    def product(self, weight, a):
-        """``(term, carry)``: the product of ``weight`` and ``a`` is ``term + carry``."""
+    def early(self, weight, a) -> dict:
+        """What the product register holds: name -> value, computed from ``weight`` (the
+        bank's) and the activation ``a`` (and ``pot_in``) in the activation's cycle."""
+        raise NotImplementedError
+
+    def late(self, regs: dict):
+        """``(term, carry)`` in the adder's cycle from the registered :meth:`early` values:
+        the product of that weight and activation is ``term + carry`` (``carry``: 1 bit, the
+        adder's carry-in, or the constant 0)."""
         raise NotImplementedError
 
     def elaborate(self, platform):
@@ -96,18 +144,15 @@ class _PE(wiring.Component):
             with m.Else():
                 m.d.sync += w0.eq(self.w_data)
         weight = Mux(self.bank_in, w1, w0)
-        term, carry = self.product(weight, self.a_in)
-        p_term = Signal(term.shape(), name="p_term")
-        m.d.sync += p_term.eq(term)
-        if isinstance(carry, int):
-            p_carry = carry
-        else:
-            p_carry = Signal(name="p_carry")
-            m.d.sync += p_carry.eq(carry)
+        regs = {}
+        for name, value in self.early(weight, self.a_in).items():
+            regs[name] = Signal.like(value, name=f"p_{name}")
+            m.d.sync += regs[name].eq(value)
+        term, carry = self.late(regs)
         m.d.sync += [
             self.a_out.eq(self.a_in),
             self.bank_out.eq(self.bank_in),
-            self.psum_out.eq(self.psum_in + p_term + p_carry),
+            self.psum_out.eq(self.psum_in + term + carry),
         ]
         if self.HAS_MODE:
             m.d.sync += self.pot_out.eq(self.pot_in)
@@ -115,32 +160,50 @@ class _PE(wiring.Component):
 
 
 class IntPE(_PE):
-    """Integer PE: ``psum += weight * a`` with a signed ``w_bits`` weight (ports: see ``_PE``)."""
+    """Integer PE: ``psum += weight * a`` with a signed ``w_bits`` weight (ports: see ``_PE``).
+    The product register holds the whole product."""
 
-    def product(self, weight, a):
-        return weight * a, 0
+    def early(self, weight, a):
+        return {"prod": weight * a}
+
+    def late(self, regs):
+        return regs["prod"], 0
 
 
 class PotPE(_PE):
     """Power-of-two PE: the weights are PoT codes (``hw.isa.pot_code_layout``) and the product
-    is a shift (:func:`pot_product`), no multiplier. Same ports as :class:`IntPE`."""
+    is a shift, no multiplier: :func:`pot_early` before the product register, :func:`pot_late`
+    after it. Same ports as :class:`IntPE`."""
 
-    def product(self, weight, a):
-        return pot_product(self._cfg, weight, a)
+    def early(self, weight, a):
+        y, amount, sign = pot_early(self._cfg, weight, a)
+        return {"y": y, "amount": amount, "sign": sign}
+
+    def late(self, regs):
+        return pot_late(self._cfg, regs["y"], regs["amount"], regs["sign"])
 
 
 class HybridPE(_PE):
     """Int and PoT datapaths side by side, chosen per activation by ``pot_in``.
 
     Extra ports: ``pot_in``/``pot_out`` (1 bit), registered like ``bank``, so consecutive
-    MATMULs in different modes can be in the array at the same time.
+    MATMULs in different modes can be in the array at the same time. The product register
+    holds the finished product of either mode (:func:`pot_product` or the int multiply), so
+    the adder's cycle is a plain add as in :class:`IntPE`. Chosen by synthesis: splitting the
+    PoT shift around the register as :class:`PotPE` does, with the int product sharing the
+    register or beside it, measured within a few LUTs either way (``bench/pe_area.py``: W4A8
+    on ``synth_ecp5 -nodsp`` 197 or 186 LUT4 equivalents vs 189, W8A8 333 or 337 vs 344), and
+    it would put a mux after the int multiplier's register.
     """
 
     HAS_MODE = True
 
-    def product(self, weight, a):
+    def early(self, weight, a):
         term, carry = pot_product(self._cfg, weight, a)
-        return Mux(self.pot_in, term, weight * a), self.pot_in & carry
+        return {"term": Mux(self.pot_in, term, weight * a), "carry": self.pot_in & carry}
+
+    def late(self, regs):
+        return regs["term"], regs["carry"]
 
 
 #: PE class of each ``AccelConfig.pe_kind``.
