@@ -44,9 +44,9 @@ def pot_early(cfg: AccelConfig, code, a):
     through all stages of the logarithmic shifter but the last; ``late_amount`` is the shift
     amount's last bit (empty without a shifter). Registering ``y`` there rather than the
     finished product, so that the last shift stage and the negation share the adder's cycle
-    with one LUT level, was chosen by synthesis (``bench/pe_area.py``; W4A4 ``synth_ecp5
-    -nodsp`` 54 LUT4 equivalents vs 61 with the whole shift before the register, vs 63 with
-    all of it after; W8A8 106 vs 115).
+    with one LUT level, was chosen by synthesis (``bench/pe_area.py`` flows; one W4A4 PE on
+    ``synth_ecp5 -nodsp`` / ``synth_ice40``: 54 / 56 LUT4 equivalents, vs 61 / 59 with the whole
+    shift before the register and 60 / 55 with all of it after; W8A8 106 / 107 vs 115 / 108).
     """
     c = data.View(isa.pot_code_layout(cfg), code)
     by_k, bits = pot_shift(cfg)
