@@ -26,8 +26,8 @@ def pot_shift(cfg: AccelConfig) -> tuple[bool, int]:
 
     The product ``x << (k - 1)`` is formed as ``(x << k)`` without its (zero) LSB when every
     legal ``k`` (``0 .. pot_max_exp + 1``) fits the ``bits = pot_max_exp.bit_length()`` bits
-    that ``k - 1`` needs (``w_bits`` 3..5): that saves the decrement (W4A4: 3-4 LUTs fewer on
-    ``synth_ice40``). Otherwise (W2: no shift at all; W6..W8, where ``k`` reaches 16) it
+    that ``k - 1`` needs (``w_bits`` 3..5): that saves the decrement (one W4A4 PE: 54 vs 57
+    LUT4 equivalents on ``synth_ecp5 -nodsp``, 56 either way on ``synth_ice40``). Otherwise (W2: no shift at all; W6..W8, where ``k`` reaches 16) it
     shifts by ``(k - 1)[:bits]``. Only those ``bits`` reach the shifter: codes above
     ``pot_max_exp + 1`` are illegal (the golden model rejects them), so their high magnitude
     bits need no hardware.
@@ -67,7 +67,6 @@ def pot_late(cfg: AccelConfig, y, late_amount, sign):
     ``~0 + 1 == 0``).
     """
     by_k, bits = pot_shift(cfg)
-    y = y.as_signed() if hasattr(y, "as_signed") else y
     for j in range(len(late_amount)):
         y = Mux(late_amount[j], y << (1 << (bits - 1 + j)), y)
     if by_k:
