@@ -36,7 +36,9 @@ fuzz: setup
 formal: setup
 	$(PY) -m pytest -q -n 0 -s tests/test_formal.py --slow-formal
 
-## make bench: every benchmark (tens of minutes; QUICK=1 for the smoke-test version)
+## make bench: every benchmark (hours), results in bench/results/ and README.md's results block.
+## QUICK=1: the smoke test (`--quick`: real code paths on the smallest cases, zoo models trained for a
+## few epochs); it writes build/bench/quick/ and never touches bench/results/ or README.md
 bench: setup
 	$(PY) -m bench $(if $(QUICK),--quick,)
 

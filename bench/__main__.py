@@ -13,6 +13,11 @@ and this driver writes ``<out>/<name>.json`` (``{"meta": ..., "results": ...}``)
 and ``<name>.md``, each atomically, then regenerates the results block of README.md from every
 ``<out>/*.json`` (:mod:`bench.readme`; only when ``<out>`` is bench/results or ``--readme`` names
 the file). Adding a benchmark = adding a module and its name here.
+
+``--quick`` is a smoke test (every benchmark's real code path on its smallest case, zoo models
+trained for a few epochs, see :class:`bench.common.Context`). Its results go to :data:`QUICK_OUT`
+(unless ``--out`` says otherwise) and the README is left alone unless ``--readme`` names it, so a
+smoke test never overwrites the committed full results (:func:`targets`).
 """
 
 from __future__ import annotations
@@ -26,11 +31,14 @@ import time
 from pathlib import Path
 
 from . import readme
-from .common import ROOT, BenchError, Context, run_meta, write_json, write_text
+from .common import QUICK_ZOO_EPOCHS, ROOT, BenchError, Context, run_meta, write_json, write_text
 
 #: Benchmark modules, in the order ``python -m bench`` runs them.
 BENCHMARKS = ("accuracy", "rtl_util", "cycles", "tool_speed", "pot_accuracy", "dsconv", "qat", "boards", "pe_area",
               "area_sweep", "pt2e")
+#: Where results go: the committed full results, and the ``--quick`` smoke test's (not committed).
+RESULTS = ROOT / "bench" / "results"
+QUICK_OUT = ROOT / "build" / "bench" / "quick"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,12 +65,18 @@ def _positive(text: str) -> int:
     return v
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    p = _Parser(prog="python -m bench", description="Quarry benchmarks; results go to bench/results/.")
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line, with ``out`` and ``readme`` resolved (:func:`targets`)."""
+    p = _Parser(prog="python -m bench",
+                description="Quarry benchmarks: full runs write bench/results/ and regenerate README.md's results "
+                            "block; --quick (a smoke test) writes build/bench/quick/ and leaves README.md alone.")
     p.add_argument("--only", type=_names, default=None, metavar="NAME[,NAME]",
                    help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)})")
-    p.add_argument("--quick", action="store_true", help="small smoke-test version (minutes, not tens of minutes)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: every benchmark's real code path on its smallest case, zoo models trained "
+                        f"for {QUICK_ZOO_EPOCHS['mnist']} (MNIST) / {QUICK_ZOO_EPOCHS['fashion']} (Fashion-MNIST) "
+                        "epochs, the second data set skipped (minutes, not hours); results go to "
+                        f"{QUICK_OUT.relative_to(ROOT)}/ and README.md is left alone unless --readme names it")
     p.add_argument("--jobs", type=_positive, default=min(2, len(os.sched_getaffinity(0))),
                    help="worker processes for golden-model runs (default: 2 or the CPU count if smaller)")
     p.add_argument("--images", type=_positive, default=None,
@@ -72,15 +86,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=_positive, default=None, metavar="SECONDS",
                    help="wall-time budget per benchmark: those that support it (area_sweep) start no new "
                         "runs after it and list the rest as not run")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="result directory")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"result directory (default: bench/results, or {QUICK_OUT.relative_to(ROOT)} with --quick)")
     p.add_argument("--readme", type=Path, default=None,
                    help="README whose generated results block to rewrite (default: README.md when --out is "
-                        "bench/results, else none)")
+                        "bench/results and not --quick, else none)")
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     p.add_argument("--report-only", action="store_true",
                    help="re-render the PNG, Markdown and README block from the existing JSON results, "
                         "measure nothing")
     args = p.parse_args(argv)
+    args.out, args.readme = targets(args)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     if args.list:
         for name in BENCHMARKS:
             print(f"{name:12s} {importlib.import_module(f'.{name}', __package__).DESCRIPTION}")
@@ -107,15 +129,14 @@ def main(argv: list[str] | None = None) -> int:
         except BenchError as e:
             print(f"python -m bench: error: {name}: {e}", file=sys.stderr)
             return 2
-        meta = run_meta(started, argv, benchmark=name, quick=args.quick, jobs=args.jobs)
+        meta = run_meta(started, argv, benchmark=name, quick=args.quick, jobs=args.jobs,
+                        **({"zoo_epochs": dict(QUICK_ZOO_EPOCHS)} if args.quick else {}))
         # JSON first: a failure while rendering never loses the measurements (--report-only).
         write_json(out.with_suffix(".json"), {"meta": meta, "results": results})
         _report(mod, out, results, meta)
         print(f"{name}: {meta['wall_seconds']:.0f} s -> {out}.json, .png"
               + (", .md" if hasattr(mod, "markdown") else ""), file=sys.stderr)
     target = args.readme
-    if target is None and args.out.resolve() == (ROOT / "bench" / "results").resolve():
-        target = readme.DEFAULT_README
     if target is not None:
         try:
             changed = readme.update(target, args.out, BENCHMARKS)
@@ -126,10 +147,29 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def targets(args) -> tuple[Path, Path | None]:
+    """(result directory, README to regenerate or None) of parsed arguments: a full run writes
+    bench/results and README.md; ``--quick`` writes :data:`QUICK_OUT` (unless ``--out`` is given)
+    and no README unless ``--readme`` is given (``--quick --out bench/results`` alone still leaves
+    the README alone: its block is for full runs)."""
+    out = args.out if args.out is not None else (QUICK_OUT if args.quick else RESULTS)
+    target = args.readme
+    if target is None and not args.quick and out.resolve() == RESULTS.resolve():
+        target = readme.DEFAULT_README
+    return out, target
+
+
 def _report(mod, out: Path, results: dict, meta: dict) -> None:
     mod.plot(results, out.with_suffix(".png"))
     if hasattr(mod, "markdown"):
-        write_text(out.with_suffix(".md"), mod.markdown(results, meta))
+        text = mod.markdown(results, meta)
+        if meta.get("quick"):
+            epochs = meta.get("zoo_epochs") or {}
+            text = ("> **Quick smoke-test run** (`--quick`): the smallest case of every setting"
+                    + (", zoo models trained for " + " / ".join(f"{v} epochs ({k})" for k, v in epochs.items())
+                       if epochs else "")
+                    + ". Not the reference figures (bench/results/).\n\n" + text)
+        write_text(out.with_suffix(".md"), text)
 
 
 if __name__ == "__main__":

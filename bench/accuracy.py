@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import ROOT, BenchError, Checkpoint, Context, GoldenRunner, fingerprint, progress, save_figure
+from .common import ZOO_CACHE, BenchError, Checkpoint, Context, GoldenRunner, fingerprint, progress, save_figure
 
 DESCRIPTION = "float vs PTQ top-1 (W8A8/W4A4/W4A8/W2A8 x range estimators x bias correction) on the golden model"
 
@@ -31,13 +31,13 @@ BITS = ((8, 8), (4, 4), (4, 8), (2, 8))
 CALIB_IMAGES = 256
 CALIB_SEED = 1
 FASHION_SUBSET_SEED = 0
-ZOO_CACHE = ROOT / "build" / "zoo"
 
-FULL = {"methods": ("minmax", "percentile", "mse", "aciq", "aciq_gauss"),
+FULL = {"bits": BITS, "methods": ("minmax", "percentile", "mse", "aciq", "aciq_gauss"),
         "weight_methods": ("minmax", "gptq"), "bias_corrections": ("none", "empirical"),
         "images": 1000}
-QUICK = {"methods": ("minmax", "mse"), "weight_methods": ("minmax", "gptq"),
-         "bias_corrections": ("none", "empirical"), "images": 200}
+#: --quick: 8 and 4 bits, the recommended setting and the plain one it is compared with.
+QUICK = {"bits": ((8, 8), (4, 4)), "methods": ("minmax", "mse"), "weight_methods": ("minmax", "gptq"),
+         "bias_corrections": ("none", "empirical"), "images": 100}
 #: The setting fixed in advance as the recommended default (not picked on the test images).
 RECOMMENDED = {"method": "mse", "weight_method": "gptq", "bias_correction": "empirical"}
 
@@ -63,14 +63,14 @@ def _data(name: str, n: int):
 SIM_CHECK_IMAGES = 200
 
 
-def _fingerprint(grid: dict, n: int) -> str:
+def _fingerprint(grid: dict, n: int, zoo_glob: tuple = (ZOO_CACHE, "quarry_cnn-*.pt")) -> str:
     """What a checkpoint's numbers depend on: the grid, the data, and the quantizer / zoo / data
     code with the cached model weights. (Lowering and golden-model changes are not tracked: they
     must not change numbers, and their own tests say so.)"""
     return fingerprint([grid, n, ROWS, COLS, BITS, CALIB_IMAGES, CALIB_SEED, FASHION_SUBSET_SEED,
                         RECOMMENDED, SIM_CHECK_IMAGES],
                        ("compiler/quantize.py", "compiler/zoo.py", "compiler/data.py"),
-                       [(ZOO_CACHE, "quarry_cnn-*.pt")])
+                       [zoo_glob])
 
 
 def run(ctx: Context) -> dict:
@@ -82,23 +82,25 @@ def run(ctx: Context) -> dict:
     from compiler.quantize import QuantOptions, quantize, simulate
     from hw.config import AccelConfig
 
-    grid = QUICK if ctx.quick else FULL
+    grid = ctx.pick(FULL, QUICK)
+    datasets = ctx.datasets(DATASETS)
     n = ctx.images or grid["images"]
     out = {"config": {"rows": ROWS, "cols": COLS}, "calibration_images": CALIB_IMAGES,
-           "grid": {k: list(v) if isinstance(v, tuple) else v for k, v in grid.items()} | {"images": n},
+           "grid": {k: _jsonable(v) for k, v in grid.items()} | {"images": n},
            "recommended": RECOMMENDED, "sim_check_images": SIM_CHECK_IMAGES,
            "datasets": {}, "settings": [], "ablation": []}
-    for ds in DATASETS:  # train (or load) both models first: the fingerprint covers their weights
-        zoo.trained("quarry_cnn", ds, cache=ZOO_CACHE, log=ctx.log)
+    for ds in datasets:  # train (or load) the models first: the fingerprint covers their weights
+        ctx.trained("quarry_cnn", ds)
     # A killed run resumes from here: every finished setting is checkpointed as it completes.
-    ckpt = Checkpoint(ctx.out / f".accuracy{'-quick' if ctx.quick else ''}.checkpoint.json", _fingerprint(grid, n),
+    ckpt = Checkpoint(ctx.out / f".accuracy{'-quick' if ctx.quick else ''}.checkpoint.json",
+                      _fingerprint(grid, n, ctx.zoo_glob()),
                       _key, "settings", ctx.log)
     done = ckpt.load()
-    for ds in DATASETS:
+    for ds in datasets:
         calib, xte_all, yte_all, x, y = _data(ds, n)
         t0 = time.time()
-        model = zoo.trained("quarry_cnn", ds, cache=ZOO_CACHE, log=ctx.log)
-        train_info = zoo.info("quarry_cnn", ds, cache=ZOO_CACHE)
+        model = ctx.trained("quarry_cnn", ds)
+        train_info = ctx.zoo_info("quarry_cnn", ds)
         float_acc = zoo.evaluate(model, torch.from_numpy(x), torch.from_numpy(y))
         float_full = zoo.evaluate(model, xte_all, yte_all)
         graph = capture(model, tuple(x.shape[1:]))
@@ -106,7 +108,7 @@ def run(ctx: Context) -> dict:
                                "full_test_images": len(xte_all), "model_load_seconds": round(time.time() - t0, 1),
                                "training": train_info}
         ctx.log(f"{ds}: float top-1 {float_acc:.4f} on {len(x)} images ({float_full:.4f} on all {len(xte_all)})")
-        settings = list(itertools.product(BITS, grid["methods"], grid["weight_methods"], grid["bias_corrections"]))
+        settings = list(itertools.product(grid["bits"], grid["methods"], grid["weight_methods"], grid["bias_corrections"]))
         t_ds = time.time()
         threads = torch.get_num_threads()
         if ctx.jobs > 1:
@@ -143,7 +145,7 @@ def run(ctx: Context) -> dict:
                     _finish(out, bar, *prev, float_acc, y, ckpt)
                 # Ablation: the recommended and the best setting of each bit width without the
                 # pool-aware clip.
-                for wb, ab in BITS:
+                for wb, ab in grid["bits"]:
                     picks = [_find(out["settings"], ds, wb, ab, **RECOMMENDED), _best(out["settings"], ds, wb, ab)]
                     for b in [p for i, p in enumerate(picks) if p is not None and p not in picks[:i]]:
                         cfg = AccelConfig(rows=ROWS, cols=COLS, w_bits=wb, a_bits=ab)
@@ -168,6 +170,15 @@ def run(ctx: Context) -> dict:
         ctx.log(f"WARNING: compiler.quantize.simulate disagrees with the golden model on {len(mismatches)} settings")
     ckpt.remove()
     return out
+
+
+def _jsonable(v):
+    return [_jsonable(x) for x in v] if isinstance(v, tuple) else v
+
+
+def _bits(res: dict) -> list[tuple[int, int]]:
+    """The bit pairs a result covers (results from before ``grid["bits"]``: all of :data:`BITS`)."""
+    return [tuple(b) for b in res["grid"].get("bits", BITS)]
 
 
 def _key(row) -> tuple:
@@ -210,7 +221,7 @@ def _summary_table(res: dict) -> list[str]:
     lines = ["| data set | float | bits | recommended | Δ | best | Δ | best setting | wmem bytes |",
              "|---|---|---|---|---|---|---|---|---|"]
     for ds, d in res["datasets"].items():
-        for wb, ab in BITS:
+        for wb, ab in _bits(res):
             b = _best(res["settings"], ds, wb, ab)
             r = _find(res["settings"], ds, wb, ab, **RECOMMENDED)
             if b:
@@ -269,7 +280,7 @@ def markdown(res: dict, meta: dict) -> str:
             lines += [f"Training (compiler/zoo.py): {tr.get('epochs')} epochs, {tr.get('seconds')} s wall{cpu} on "
                       f"{tr.get('threads')} threads, recipe `{json.dumps(tr.get('recipe'))}`.", ""]
         cols = [(wm, bc) for wm in g["weight_methods"] for bc in g["bias_corrections"]]
-        for wb, ab in BITS:
+        for wb, ab in _bits(res):
             rows = [s for s in res["settings"] if (s["dataset"], s["w_bits"], s["a_bits"]) == (ds, wb, ab)]
             if not rows:
                 continue
@@ -315,13 +326,14 @@ def plot(res: dict, path: Path) -> None:
 
     g = res["grid"]
     dss = list(res["datasets"])
-    fig, axes = plt.subplots(len(dss), len(BITS), figsize=(4.8 * len(BITS), 3.8 * len(dss)), squeeze=False)
+    bits = _bits(res)
+    fig, axes = plt.subplots(len(dss), len(bits), figsize=(4.8 * len(bits), 3.8 * len(dss)), squeeze=False)
     variants = [(wm, bc) for wm in g["weight_methods"] for bc in g["bias_corrections"]]
     colors = plt.get_cmap("tab10")
     width = 0.8 / len(variants)
     for r, ds in enumerate(dss):
         fl = res["datasets"][ds]["float_top1"]
-        for c, (wb, ab) in enumerate(BITS):
+        for c, (wb, ab) in enumerate(bits):
             ax = axes[r][c]
             rows = [s for s in res["settings"] if (s["dataset"], s["w_bits"], s["a_bits"]) == (ds, wb, ab)]
             lo = 1.0

@@ -26,8 +26,9 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["BenchError", "Context", "ROOT", "tool", "run_meta", "write_text", "write_bytes", "write_json", "save_figure",
-           "progress", "golden_logits", "GoldenRunner", "Checkpoint", "fingerprint"]
+__all__ = ["BenchError", "Context", "ROOT", "ZOO_CACHE", "QUICK_ZOO_EPOCHS", "QUICK_ZOO_CACHE", "tool", "run_meta",
+           "write_text", "write_bytes", "write_json", "save_figure", "progress", "golden_logits", "GoldenRunner",
+           "Checkpoint", "fingerprint"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,9 +37,24 @@ class BenchError(RuntimeError):
     """A benchmark cannot run (missing data set, bad option); the CLI prints it on one line."""
 
 
+#: The zoo's cache of trained reference models (``compiler.zoo``; not committed, trained on first use).
+ZOO_CACHE = ROOT / "build" / "zoo"
+#: ``--quick``: zoo models are trained for this many epochs instead of the recipes' 60 (MNIST) and
+#: 40 (Fashion-MNIST): real training on the real data, but seconds instead of minutes on a fresh
+#: clone. They are cached apart from the reference weights (:data:`QUICK_ZOO_CACHE`), and every
+#: quick result says which model it used (``meta["zoo_epochs"]``).
+QUICK_ZOO_EPOCHS = {"mnist": 6, "fashion": 2}
+QUICK_ZOO_CACHE = ZOO_CACHE / "quick"
+
+
 @dataclass(frozen=True)
 class Context:
-    """What the driver hands every benchmark's ``run``."""
+    """What the driver hands every benchmark's ``run``.
+
+    ``--quick`` is a smoke test: every benchmark runs its real code path (real data, real tools)
+    on its smallest meaningful case. A benchmark says what that is through :meth:`pick` (its own
+    quick profile), :meth:`datasets` (the first data set only) and :meth:`trained` (the zoo
+    models trained for :data:`QUICK_ZOO_EPOCHS`)."""
 
     quick: bool = False
     #: Worker processes for golden-model runs.
@@ -51,6 +67,40 @@ class Context:
     timeout: float | None = None
     #: Wall-time budget in seconds: benchmarks that support it start no new runs after it.
     budget: float | None = None
+
+    def pick(self, full, quick):
+        """The benchmark's ``quick`` profile value under ``--quick``, else ``full``."""
+        return quick if self.quick else full
+
+    def datasets(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        """``names``, or under ``--quick`` the first one only (the others run the same code on
+        other data)."""
+        return tuple(names[:1]) if self.quick else tuple(names)
+
+    def zoo_epochs(self, dataset: str) -> int | None:
+        """Training epochs of the zoo models this run uses (``None``: the reference recipe)."""
+        return QUICK_ZOO_EPOCHS[dataset] if self.quick else None
+
+    @property
+    def zoo_cache(self) -> Path:
+        return QUICK_ZOO_CACHE if self.quick else ZOO_CACHE
+
+    def trained(self, name: str = "quarry_cnn", dataset: str = "mnist"):
+        """The zoo model this run measures: the cached reference model (trained on first use), or
+        under ``--quick`` the short-trained one."""
+        from compiler import zoo  # noqa: PLC0415 - heavy
+
+        return zoo.trained(name, dataset, cache=self.zoo_cache, epochs=self.zoo_epochs(dataset), log=self.log)
+
+    def zoo_info(self, name: str = "quarry_cnn", dataset: str = "mnist") -> dict | None:
+        """Training record of :meth:`trained`'s model."""
+        from compiler import zoo  # noqa: PLC0415
+
+        return zoo.info(name, dataset, cache=self.zoo_cache, epochs=self.zoo_epochs(dataset))
+
+    def zoo_glob(self, name: str = "quarry_cnn") -> tuple[Path, str]:
+        """``(directory, pattern)`` of the cached weights of ``name`` (for :func:`fingerprint`)."""
+        return self.zoo_cache, f"{name}-*.pt"
 
 
 def tool(name: str) -> str | None:

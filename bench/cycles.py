@@ -120,16 +120,15 @@ def quarry_layer_cycles(L, cfg) -> int:
     return Machine(cfg).run(b.build()).cycles
 
 
-def default_model_layers(cfg, log):
+def default_model_layers(cfg, model):
     """The default model compiled for ``cfg``: one row per layer with Quarry's cycles (the golden
     run split at each layer's last completion), its conv geometry, and the end-to-end cycles and
     program."""
     import compiler
-    from compiler import data, zoo
+    from compiler import data
     from compiler.frontend import capture
     from sim.golden import Machine
 
-    model = zoo.trained("quarry_cnn", "mnist", cache=ROOT / "build" / "zoo", log=log)
     xtr = data.load("mnist")[0]
     prog = compiler.compile(model, xtr[:64], cfg, method="minmax")
     graph = capture(model, tuple(xtr.shape[1:]))
@@ -203,7 +202,7 @@ def scalesim_cycles(layers: list[dict], work: Path, log) -> list[int]:
 
 def run(ctx: Context) -> dict:
     cfg = _config()
-    layers = peers_layers() + gemms() + (resnet18_small() if not ctx.quick else resnet18_small()[:5])
+    layers = peers_layers() + gemms() + (ctx.pick(resnet18_small(), resnet18_small()[:5]))
     out = {"config": {"rows": ROWS, "cols": COLS, "bits": BITS, "wmem_depth": WMEM_DEPTH, "spad_depth": SPAD_DEPTH,
                       "imem_depth": IMEM_DEPTH},
            "scalesim": {"version": "2.0.2", "config": SCALESIM_CFG.name}, "layers": [], "models": []}
@@ -211,7 +210,7 @@ def run(ctx: Context) -> dict:
         out["layers"].append({**L, "macs": macs(L), "ideal": -(-macs(L) // (ROWS * COLS)),
                               "quarry_cycles": quarry_layer_cycles(L, cfg)})
     # The default model, layer by layer, as compiled.
-    model_rows, model_cycles, prog = default_model_layers(cfg, ctx.log)
+    model_rows, model_cycles, prog = default_model_layers(cfg, ctx.trained("quarry_cnn", "mnist"))
     conv_rows = [r for r in model_rows if "cin" in r]
     ss = scalesim_cycles([r for r in out["layers"]] + conv_rows, ROOT / "build" / "bench" / "scalesim", ctx.log)
     for r, c in zip(out["layers"] + conv_rows, ss):

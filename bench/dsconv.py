@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .accuracy import CALIB_IMAGES, COLS, ROWS, ZOO_CACHE, _data
+from .accuracy import CALIB_IMAGES, COLS, ROWS, _data
 from .common import Checkpoint, GoldenRunner, fingerprint, progress, save_figure
 
 DESCRIPTION = "DSConv block-scaled weights vs per-channel INT at 4/3/2 bits: top-1 and weight memory"
@@ -40,19 +40,19 @@ def run(ctx) -> dict:
     from compiler.quantize import QuantOptions, quantize, simulate
     from hw.config import AccelConfig
 
-    n = ctx.images or (200 if ctx.quick else 1000)
-    grid = QUICK_GRID if ctx.quick else GRID
+    n = ctx.images or ctx.pick(1000, 200)
+    grid = ctx.pick(GRID, QUICK_GRID)
     out = {"config": {"rows": ROWS, "cols": COLS, "block_scale": True}, "images": n,
            "calibration_images": CALIB_IMAGES, "base": BASE, "paper": PAPER, "datasets": {}, "rows": []}
     fp = fingerprint([grid, n, ROWS, COLS, CALIB_IMAGES, BASE, SIM_CHECK_IMAGES],
                      ("compiler/quantize.py", "compiler/dsconv.py", "compiler/zoo.py", "compiler/data.py"),
-                     [(ZOO_CACHE, "quarry_cnn-*.pt")])
+                     [ctx.zoo_glob()])
     ckpt = Checkpoint(ctx.out / f".dsconv{'-quick' if ctx.quick else ''}.checkpoint.json", fp,
                       lambda r: (r["dataset"], r["w_bits"], r["a_bits"], r["weight_method"]), "rows", ctx.log)
     done = ckpt.load()
-    for ds in DATASETS:
+    for ds in ctx.datasets(DATASETS):
         calib, _, _, x, y = _data(ds, n)
-        model = zoo.trained("quarry_cnn", ds, cache=ZOO_CACHE, log=ctx.log)
+        model = ctx.trained("quarry_cnn", ds)
         float_acc = zoo.evaluate(model, torch.from_numpy(x), torch.from_numpy(y))
         graph = capture(model, tuple(x.shape[1:]))
         out["datasets"][ds] = {"images": len(x), "float_top1": float_acc}

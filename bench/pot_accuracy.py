@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .accuracy import CALIB_IMAGES, COLS, ROWS, ZOO_CACHE, _data
+from .accuracy import CALIB_IMAGES, COLS, ROWS, _data
 from .common import Checkpoint, GoldenRunner, fingerprint, progress, save_figure
 
 DESCRIPTION = "INQ / DoubleQ / DoubleQExt power-of-two weights: top-1 and weight memory on the golden model"
@@ -70,11 +70,11 @@ PAPERS = {
 }
 
 
-def _fingerprint(keys, n: int) -> str:
+def _fingerprint(keys, n: int, zoo_glob: tuple) -> str:
     return fingerprint([keys, n, ROWS, COLS, CALIB_IMAGES, BASE, RETRAIN, SIM_CHECK_IMAGES,
                         [s for s in SETTINGS if s[0] in keys]],
                        ("compiler/quantize.py", "compiler/pot.py", "compiler/zoo.py", "compiler/data.py"),
-                       [(ZOO_CACHE, "quarry_cnn-*.pt")])
+                       [zoo_glob])
 
 
 def run(ctx) -> dict:
@@ -87,19 +87,20 @@ def run(ctx) -> dict:
     from compiler.quantize import QuantOptions, quantize, simulate
     from hw.config import AccelConfig
 
-    n = ctx.images or (200 if ctx.quick else 1000)
-    keys = QUICK_KEYS if ctx.quick else tuple(s[0] for s in SETTINGS)
+    n = ctx.images or ctx.pick(1000, 200)
+    keys = ctx.pick(tuple(s[0] for s in SETTINGS), QUICK_KEYS)
+    datasets = ctx.datasets(DATASETS)
     out = {"config": {"rows": ROWS, "cols": COLS}, "images": n, "calibration_images": CALIB_IMAGES, "base": BASE,
            "retrain": RETRAIN, "sim_check_images": SIM_CHECK_IMAGES, "papers": PAPERS, "datasets": {}, "rows": []}
-    for ds in DATASETS:
-        zoo.trained("quarry_cnn", ds, cache=ZOO_CACHE, log=ctx.log)
+    for ds in datasets:
+        ctx.trained("quarry_cnn", ds)
     ckpt = Checkpoint(ctx.out / f".pot_accuracy{'-quick' if ctx.quick else ''}.checkpoint.json",
-                      _fingerprint(keys, n), lambda r: (r["dataset"], r["key"]), "rows", ctx.log)
+                      _fingerprint(keys, n, ctx.zoo_glob()), lambda r: (r["dataset"], r["key"]), "rows", ctx.log)
     done = ckpt.load()
-    for ds in DATASETS:
+    for ds in datasets:
         calib, _, _, x, y = _data(ds, n)
         xtr, ytr = data.load(ds)[:2]
-        model = zoo.trained("quarry_cnn", ds, cache=ZOO_CACHE, log=ctx.log)
+        model = ctx.trained("quarry_cnn", ds)
         float_acc = zoo.evaluate(model, torch.from_numpy(x), torch.from_numpy(y))
         graph = capture(model, tuple(x.shape[1:]))
         out["datasets"][ds] = {"images": len(x), "float_top1": float_acc}
@@ -134,7 +135,7 @@ def run(ctx) -> dict:
                 out["rows"].append(row)
                 ctx.log(f"{ds} {label}: top-1 {top1:.4f}, weights {wm['bytes']} bytes, wmem {wm['wmem_bytes']} bytes")
                 ckpt.save(out["rows"])
-    for ds in DATASETS:  # deltas against the 8-bit row of the same data set
+    for ds in datasets:  # deltas against the 8-bit row of the same data set
         ref = next((r for r in out["rows"] if (r["dataset"], r["key"]) == (ds, "int8")), None)
         for r in out["rows"]:
             if r["dataset"] == ds and ref:

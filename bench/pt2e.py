@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .accuracy import CALIB_IMAGES, COLS, ROWS, ZOO_CACHE, _data
+from .accuracy import CALIB_IMAGES, COLS, ROWS, _data
 from .common import GoldenRunner, save_figure
 
 DESCRIPTION = "PT2E parity: Quarry PTQ vs PT2E + QuarryQuantizer (PyTorch and golden) vs X86InductorQuantizer W8A8"
@@ -91,7 +91,6 @@ def run(ctx) -> dict:
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
 
     from compiler import compile as compile_model
-    from compiler import zoo
     from compiler.frontend import capture
     from compiler.lower import lower
     from compiler.pt2e import QuarryQuantizer, import_pt2e, quarry_observer
@@ -100,20 +99,20 @@ def run(ctx) -> dict:
     from sim.run import compare_runs, run_golden, run_verilator
 
     warnings.filterwarnings("ignore", module="torchao")
-    bits = QUICK_BITS if ctx.quick else BITS
-    n = ctx.images or (200 if ctx.quick else 1000)
-    n_rtl = QUICK_RTL_IMAGES if ctx.quick else RTL_IMAGES
+    bits = ctx.pick(BITS, QUICK_BITS)
+    n = ctx.images or ctx.pick(1000, 200)
+    n_rtl = ctx.pick(RTL_IMAGES, QUICK_RTL_IMAGES)
     out = {"config": {"rows": ROWS, "cols": COLS}, "calibration_images": CALIB_IMAGES, "images": n,
            "bits": [list(b) for b in bits], "recommended": RECOMMENDED, "sim_check_images": min(SIM_CHECK_IMAGES, n),
            "rtl_images": n_rtl, "torchao": torchao.__version__, "datasets": {}, "rows": [], "rtl": []}
-    for ds in DATASETS:
+    for ds in ctx.datasets(DATASETS):
         calib_t, _, _, x, y = _data(ds, n)
         calib = calib_t.numpy()
         calib_t = torch.from_numpy(np.ascontiguousarray(calib))
-        model = zoo.trained("quarry_cnn", ds, cache=ZOO_CACHE, log=ctx.log).eval()
+        model = ctx.trained("quarry_cnn", ds).eval()
         float_logits = _torch_logits(model, x)
         out["datasets"][ds] = {"images": len(x), "float_top1": _top1(float_logits, y),
-                               "training": zoo.info("quarry_cnn", ds, cache=ZOO_CACHE)}
+                               "training": ctx.zoo_info("quarry_cnn", ds)}
         ctx.log(f"{ds}: float top-1 {out['datasets'][ds]['float_top1']:.4f} on {len(x)} images")
         threads = torch.get_num_threads()
         if ctx.jobs > 1:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .accuracy import CALIB_IMAGES, COLS, RECOMMENDED, ROWS, ZOO_CACHE, _data
+from .accuracy import CALIB_IMAGES, COLS, RECOMMENDED, ROWS, _data
 from .common import Checkpoint, GoldenRunner, fingerprint, progress, save_figure
 
 DESCRIPTION = "LSQ / PACT fine-tuning and per-layer mixed precision at 2-4 bits: top-1 vs total weight bits"
@@ -57,10 +57,10 @@ PAPERS = {
 }
 
 
-def _fp(keys, n, epochs) -> str:
+def _fp(keys, n, epochs, zoo_glob: tuple) -> str:
     return fingerprint([keys, n, epochs, ROWS, COLS, CALIB_IMAGES, RECOMMENDED, BITS, SEED, GOLDEN_IMAGES],
                        ("compiler/quantize.py", "compiler/qat.py", "compiler/mixed.py", "compiler/zoo.py",
-                        "compiler/data.py"), [(ZOO_CACHE, "quarry_cnn-*.pt")])
+                        "compiler/data.py"), [zoo_glob])
 
 
 def run(ctx) -> dict:
@@ -74,26 +74,28 @@ def run(ctx) -> dict:
     from compiler.quantize import QuantOptions, simulate
     from hw.config import AccelConfig
 
-    n = ctx.images or (200 if ctx.quick else 1000)
-    keys = QUICK_KEYS if ctx.quick else tuple(s[0] for s in SETTINGS)
-    epochs = QUICK_EPOCHS if ctx.quick else EPOCHS
-    bits_list = (2,) if ctx.quick else BITS
+    n = ctx.images or ctx.pick(1000, 200)
+    keys = ctx.pick(tuple(s[0] for s in SETTINGS), QUICK_KEYS)
+    epochs = ctx.pick(EPOCHS, QUICK_EPOCHS)
+    bits_list = ctx.pick(BITS, (2,))
+    datasets = ctx.datasets(DATASETS)
     out = {"config": {"rows": ROWS, "cols": COLS, "w_bits": 8}, "images": n, "calibration_images": CALIB_IMAGES,
            "ptq": RECOMMENDED, "epochs": epochs, "seed": SEED, "golden_images": GOLDEN_IMAGES, "papers": PAPERS,
            "datasets": {}, "rows": []}
-    for ds in DATASETS:
-        zoo.trained("quarry_cnn", ds, cache=ZOO_CACHE, log=ctx.log)
-    ckpt = Checkpoint(ctx.out / f".qat{'-quick' if ctx.quick else ''}.checkpoint.json", _fp(keys, n, epochs),
+    for ds in datasets:
+        ctx.trained("quarry_cnn", ds)
+    ckpt = Checkpoint(ctx.out / f".qat{'-quick' if ctx.quick else ''}.checkpoint.json",
+                      _fp(keys, n, epochs, ctx.zoo_glob()),
                       lambda r: (r["dataset"], r["key"], r["bits"]), "rows", ctx.log)
     done = ckpt.load()
     opts = QuantOptions(**RECOMMENDED)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # QAT trains on one thread; the golden workers take the other core
     try:
-        for ds in DATASETS:
+        for ds in datasets:
             calib, _, _, x, y = _data(ds, n)
             xtr, ytr = data.load(ds)[:2]
-            model = zoo.trained("quarry_cnn", ds, cache=ZOO_CACHE, log=ctx.log)
+            model = ctx.trained("quarry_cnn", ds)
             float_acc = zoo.evaluate(model, torch.from_numpy(x), torch.from_numpy(y))
             graph = capture(model, tuple(x.shape[1:]))
             sizes = mixed.layer_sizes(graph)

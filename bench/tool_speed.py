@@ -92,14 +92,13 @@ def _verilator(n: int, opt: str, work: Path, quick: bool) -> dict:
             "cycles_per_second": round(res.cycles / res.wall_seconds)}
 
 
-def _compile_and_golden(quick: bool, log) -> dict:
+def _compile_and_golden(model, quick: bool) -> dict:
     import compiler
-    from compiler import data, zoo
+    from compiler import data
     from hw.config import AccelConfig
     from hw.program import decode_output, output_region, quantize_input
     from sim.golden import Machine
 
-    model = zoo.trained("quarry_cnn", "mnist", cache=ROOT / "build" / "zoo", log=log)
     xtr, _, xte, _ = data.load("mnist")
     out = {}
     for label, bits, kw in (("W8A8 minmax", 8, dict(method="minmax")),
@@ -138,7 +137,7 @@ def run(ctx: Context) -> dict:
     for n, opt in progress(runs, desc="verilator", unit="build"):
         res["verilator"].append(_verilator(n, opt, work, ctx.quick))
         ctx.log(f"verilator {n}x{n} {opt}: {res['verilator'][-1]}")
-    res.update(_compile_and_golden(ctx.quick, ctx.log))
+    res.update(_compile_and_golden(ctx.trained("quarry_cnn", "mnist"), ctx.quick))
     return res
 
 

@@ -1,6 +1,7 @@
 """The benchmark driver's README block, and the area sweep's flow on its smallest design point."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -72,3 +73,20 @@ def test_area_sweep_smallest_point_places_and_routes(monkeypatch):
     assert row["pnr_ff"] >= io_bits
     assert 0 < row["fmax_mhz"] < 1000
     assert row["pnr_lut"] > 0 and row["pnr_available"]["lut"] == 83640
+
+
+def test_quick_by_default_leaves_the_committed_results_and_readme_alone():
+    """`python -m bench --quick` is a smoke test: by default it writes build/bench/quick and
+    regenerates no README, so it never overwrites bench/results or README.md's block."""
+    from bench.__main__ import QUICK_OUT, parse_args
+
+    quick = parse_args(["--quick"])
+    assert quick.out.resolve() == QUICK_OUT.resolve() and quick.readme is None
+    assert RESULTS.resolve() not in (quick.out.resolve(), *quick.out.resolve().parents)
+    # Even pointed at bench/results explicitly, the README block (full runs only) is left alone...
+    assert parse_args(["--quick", "--out", str(RESULTS)]).readme is None
+    # ...unless asked for by name.
+    assert parse_args(["--quick", "--readme", "README.md"]).readme == Path("README.md")
+    full = parse_args([])
+    assert full.out.resolve() == RESULTS.resolve() and full.readme == readme.DEFAULT_README
+    assert parse_args(["--out", "elsewhere"]).readme is None
