@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from . import readme
-from .common import QUICK_ZOO_EPOCHS, ROOT, BenchError, Context, run_meta, write_json, write_text
+from .common import QUICK_ZOO_EPOCHS, QUICK_ZOO_THREADS, ROOT, BenchError, Context, run_meta, write_json, write_text
 
 #: Benchmark modules, in the order ``python -m bench`` runs them.
 BENCHMARKS = ("accuracy", "rtl_util", "cycles", "tool_speed", "pot_accuracy", "dsconv", "qat", "boards", "pe_area",
@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         except BenchError as e:
             print(f"python -m bench: error: {name}: {e}", file=sys.stderr)
             return 2
-        meta = run_meta(started, argv, benchmark=name, quick=args.quick, jobs=args.jobs,
-                        **({"zoo_epochs": dict(QUICK_ZOO_EPOCHS)} if args.quick else {}))
+        quick_zoo = {"zoo_epochs": dict(QUICK_ZOO_EPOCHS), "zoo_threads": QUICK_ZOO_THREADS} if args.quick else {}
+        meta = run_meta(started, argv, benchmark=name, quick=args.quick, jobs=args.jobs, **quick_zoo)
         # JSON first: a failure while rendering never loses the measurements (--report-only).
         write_json(out.with_suffix(".json"), {"meta": meta, "results": results})
         _report(mod, out, results, meta)

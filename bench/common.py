@@ -26,9 +26,9 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["BenchError", "Context", "ROOT", "ZOO_CACHE", "QUICK_ZOO_EPOCHS", "QUICK_ZOO_CACHE", "tool", "run_meta",
-           "write_text", "write_bytes", "write_json", "save_figure", "progress", "golden_logits", "GoldenRunner",
-           "Checkpoint", "fingerprint"]
+__all__ = ["BenchError", "Context", "ROOT", "ZOO_CACHE", "QUICK_ZOO_EPOCHS", "QUICK_ZOO_THREADS", "QUICK_ZOO_CACHE",
+           "tool", "run_meta", "write_text", "write_bytes", "write_json", "save_figure", "progress", "golden_logits",
+           "GoldenRunner", "Checkpoint", "fingerprint"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,6 +44,9 @@ ZOO_CACHE = ROOT / "build" / "zoo"
 #: clone. They are cached apart from the reference weights (:data:`QUICK_ZOO_CACHE`), and every
 #: quick result says which model it used (``meta["zoo_epochs"]``).
 QUICK_ZOO_EPOCHS = {"mnist": 6, "fashion": 2}
+#: ... on one thread: on a shared machine the reference recipe's two (spinning) OpenMP threads run
+#: up to 8x slower than one (30 steps: 170 s wall against 21 s next to 4 other jobs on 2 cores).
+QUICK_ZOO_THREADS = 1
 QUICK_ZOO_CACHE = ZOO_CACHE / "quick"
 
 
@@ -82,6 +85,11 @@ class Context:
         return QUICK_ZOO_EPOCHS[dataset] if self.quick else None
 
     @property
+    def zoo_threads(self) -> int | None:
+        """Training threads of those models (``None``: the reference recipe's)."""
+        return QUICK_ZOO_THREADS if self.quick else None
+
+    @property
     def zoo_cache(self) -> Path:
         return QUICK_ZOO_CACHE if self.quick else ZOO_CACHE
 
@@ -90,13 +98,14 @@ class Context:
         under ``--quick`` the short-trained one."""
         from compiler import zoo  # noqa: PLC0415 - heavy
 
-        return zoo.trained(name, dataset, cache=self.zoo_cache, epochs=self.zoo_epochs(dataset), log=self.log)
+        return zoo.trained(name, dataset, cache=self.zoo_cache, epochs=self.zoo_epochs(dataset),
+                           threads=self.zoo_threads, log=self.log)
 
     def zoo_info(self, name: str = "quarry_cnn", dataset: str = "mnist") -> dict | None:
         """Training record of :meth:`trained`'s model."""
         from compiler import zoo  # noqa: PLC0415
 
-        return zoo.info(name, dataset, cache=self.zoo_cache, epochs=self.zoo_epochs(dataset))
+        return zoo.info(name, dataset, cache=self.zoo_cache, epochs=self.zoo_epochs(dataset), threads=self.zoo_threads)
 
     def zoo_glob(self, name: str = "quarry_cnn") -> tuple[Path, str]:
         """``(directory, pattern)`` of the cached weights of ``name`` (for :func:`fingerprint`)."""

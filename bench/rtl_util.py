@@ -50,7 +50,8 @@ def _gemm_program(cfg: AccelConfig, m: int, k: int, n: int, to_acc: bool, rng):
 def gemm_utilisation(quick: bool = False, log=print) -> list[dict]:
     rng = np.random.default_rng(0)
     rows = []
-    for r, c in ARRAYS:
+    # --quick: the smallest array only (each array is one Verilator build, minutes on a fresh clone).
+    for r, c in ARRAYS[:1] if quick else ARRAYS:
         cfg = AccelConfig(rows=r, cols=c, w_bits=8, a_bits=8, spad_depth=8192, acc_depth=2048,
                           wmem_depth=1024, imem_depth=512, param_depth=16)
         rtl = build(cfg)

@@ -100,10 +100,10 @@ def retarget(prog: Program, cfg: AccelConfig) -> Program:
 
 
 def resolve_program(board: Board, model: str, pe=None, bits=None, log=print, zoo_cache: Path = Path("build/zoo"),
-                    epochs: int | None = None) -> Program:
+                    epochs: int | None = None, threads: int | None = None) -> Program:
     """The program of ``model`` for ``board``: a compiled directory or ``.qprog`` retargeted to
     the depths it needs, or a zoo model compiled for the board's (or the given) array
-    (``zoo_cache``, ``epochs``: as :func:`compiler.zoo.trained`)."""
+    (``zoo_cache``, ``epochs``, ``threads``: as :func:`compiler.zoo.trained`)."""
     path = Path(model)
     if path.is_dir() or path.suffix == ".qprog":
         qprog = path / "program.qprog" if path.is_dir() else path
@@ -130,13 +130,13 @@ def resolve_program(board: Board, model: str, pe=None, bits=None, log=print, zoo
     rows, cols = pe or (board.config.rows, board.config.cols)
     w_bits, a_bits = bits or (board.config.w_bits, board.config.a_bits)
     base = replace(board.config, rows=rows, cols=cols, w_bits=w_bits, a_bits=a_bits)
-    prog = compile_zoo(model, replace(base, **_MEASURE_DEPTHS), log, zoo_cache, epochs)
+    prog = compile_zoo(model, replace(base, **_MEASURE_DEPTHS), log, zoo_cache, epochs, threads)
     cfg = board_config(base, memory_needs(prog))
-    return compile_zoo(model, cfg, log, zoo_cache, epochs)
+    return compile_zoo(model, cfg, log, zoo_cache, epochs, threads)
 
 
 def compile_zoo(name: str, cfg: AccelConfig, log=print, zoo_cache: Path = Path("build/zoo"),
-                epochs: int | None = None) -> Program:
+                epochs: int | None = None, threads: int | None = None) -> Program:
     """Compile zoo model ``name`` (trained on MNIST, cached) for ``cfg`` with 256 calibration
     images, as ``python -m compiler`` does by default (``quarry_tiny``: its own options)."""
     from compiler import CompileError
@@ -146,7 +146,7 @@ def compile_zoo(name: str, cfg: AccelConfig, log=print, zoo_cache: Path = Path("
     from . import tiny
 
     tiny.register()
-    model = zoo.trained(name, "mnist", cache=zoo_cache, epochs=epochs, log=log)
+    model = zoo.trained(name, "mnist", cache=zoo_cache, epochs=epochs, threads=threads, log=log)
     calib = data.load("mnist")[0][:256]
     try:
         return compile_model(model, calib, cfg, **(tiny.COMPILE_OPTIONS if name == tiny.NAME else {}))

@@ -104,14 +104,16 @@ def augment(x: torch.Tensor, g: torch.Generator, shift: float = 0.0, rotate: flo
 
 
 def train(name: str, dataset: str, epochs: int | None = None, seed: int = 0, log=print,
-          recipe: dict | None = None) -> tuple[nn.Module, dict]:
-    """Train ``name`` on ``dataset`` with its recipe; returns (model, training record)."""
+          recipe: dict | None = None, threads: int | None = None) -> tuple[nn.Module, dict]:
+    """Train ``name`` on ``dataset`` with its recipe on ``threads`` threads (default
+    :data:`TRAIN_THREADS`); returns (model, training record)."""
     rc = dict(RECIPES[dataset], **(recipe or {}))
     if epochs is not None:
         rc["epochs"] = epochs
     xtr, ytr, xte, yte = data.load(dataset)
+    train_threads = threads or TRAIN_THREADS
     threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(TRAIN_THREADS)
+    torch.set_num_threads(train_threads)
     torch.use_deterministic_algorithms(True)
     try:
         with torch.random.fork_rng(devices=[]):
@@ -154,21 +156,23 @@ def train(name: str, dataset: str, epochs: int | None = None, seed: int = 0, log
     log(f"  test top-1 {acc:.4f} on {len(xte)} images, {seconds:.0f} s")
     record = {"model": name, "dataset": dataset, "recipe_version": RECIPE_VERSION, "recipe": rc, "seed": seed,
               "epochs": rc["epochs"], "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
-              "threads": TRAIN_THREADS,
+              "threads": train_threads,
               "test_top1": acc, "test_images": len(xte), "torch": torch.__version__}
     return model, record
 
 
-def _paths(name: str, dataset: str, cache: Path, epochs: int | None = None) -> tuple[Path, Path]:
-    stem = Path(cache) / f"{name}-{dataset}-r{RECIPE_VERSION}{'' if epochs is None else f'-e{epochs}'}"
+def _paths(name: str, dataset: str, cache: Path, epochs: int | None = None,
+           threads: int | None = None) -> tuple[Path, Path]:
+    stem = (Path(cache) / f"{name}-{dataset}-r{RECIPE_VERSION}{'' if epochs is None else f'-e{epochs}'}"
+            f"{'' if threads is None else f'-t{threads}'}")
     return stem.with_suffix(".pt"), stem.with_suffix(".json")
 
 
 def info(name: str = "quarry_cnn", dataset: str = "mnist", cache: Path = Path("build/zoo"),
-         epochs: int | None = None) -> dict | None:
-    """Training record of the cached model (``epochs``: the one trained with that override), or
-    ``None`` if it is not cached."""
-    _, meta = _paths(name, dataset, cache, epochs)
+         epochs: int | None = None, threads: int | None = None) -> dict | None:
+    """Training record of the cached model (``epochs``, ``threads``: the one trained with those
+    overrides), or ``None`` if it is not cached."""
+    _, meta = _paths(name, dataset, cache, epochs, threads)
     try:
         return json.loads(meta.read_text())
     except (OSError, ValueError):
@@ -176,16 +180,17 @@ def info(name: str = "quarry_cnn", dataset: str = "mnist", cache: Path = Path("b
 
 
 def trained(name: str = "quarry_cnn", dataset: str = "mnist", cache: Path = Path("build/zoo"),
-            epochs: int | None = None, log=print) -> nn.Module:
+            epochs: int | None = None, log=print, threads: int | None = None) -> nn.Module:
     """Load the cached trained model, training (deterministically) if the cache is empty.
 
-    ``epochs`` overrides the recipe's epoch count (the one-cycle schedule is compressed to fit).
-    The result is not the reference model: it is cached under its own name (``...-e<epochs>.pt``),
+    ``epochs`` overrides the recipe's epoch count (the one-cycle schedule is compressed to fit),
+    ``threads`` :data:`TRAIN_THREADS` (CPU kernels may reduce differently with another count). The
+    result is not the reference model: it is cached under its own name (``...-e<epochs>-t<threads>.pt``),
     never in place of the reference weights. ``python -m bench --quick`` uses this.
     """
     if name not in MODELS:
         raise KeyError(f"unknown model {name!r} (known: {', '.join(MODELS)})")
-    path, meta = _paths(name, dataset, cache, epochs)
+    path, meta = _paths(name, dataset, cache, epochs, threads)
     model = MODELS[name]()
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -195,8 +200,9 @@ def trained(name: str = "quarry_cnn", dataset: str = "mnist", cache: Path = Path
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not path.exists():
                 what = "" if epochs is None else f" for {epochs} epochs (not the reference recipe)"
+                what += "" if threads is None else f" on {threads} thread(s)"
                 log(f"training {name} on {dataset}{what} (cached at {path}) ...")
-                model, record = train(name, dataset, epochs, log=log)
+                model, record = train(name, dataset, epochs, log=log, threads=threads)
                 for dst, write in ((path, lambda p: torch.save(model.state_dict(), p)),
                                    (meta, lambda p: p.write_text(json.dumps(record, indent=1) + "\n"))):
                     tmp = dst.with_suffix(dst.suffix + f".{os.getpid()}.tmp")
