@@ -165,10 +165,11 @@ def _report(mod, out: Path, results: dict, meta: dict) -> None:
         text = mod.markdown(results, meta)
         if meta.get("quick"):
             epochs = meta.get("zoo_epochs") or {}
-            text = ("> **Quick smoke-test run** (`--quick`): the smallest case of every setting"
+            text = ("> **Quick smoke-test run** (`--quick`): the smallest case of each measurement, the first data "
+                    "set only"
                     + (", zoo models trained for " + " / ".join(f"{v} epochs ({k})" for k, v in epochs.items())
-                       if epochs else "")
-                    + ". Not the reference figures (bench/results/).\n\n" + text)
+                       + f" on {meta.get('zoo_threads', '?')} thread(s)" if epochs else "")
+                    + ". Not the reference figures (those are in bench/results/).\n\n" + text)
         write_text(out.with_suffix(".md"), text)
 
 

@@ -53,7 +53,8 @@ TARGET_MHZ = 200
 SEED = 1
 #: Per-run timeout (synthesis + place and route), seconds.
 TIMEOUT = 1800
-QUICK = {"sizes": (2, 4), "w_bits": (4,), "kinds": KINDS, "devices": ("ecp5-85f",)}
+#: --quick: every PE kind through the ECP5 flow at the smallest size (15-70 s each; 4x4 adds 30-65 s each).
+QUICK = {"sizes": (2,), "w_bits": (4,), "kinds": KINDS, "devices": ("ecp5-85f",)}
 WORK = ROOT / "build" / "area_sweep"
 #: Design points whose numbers depend on these sources.
 _SOURCES = ("hw/array.py", "hw/config.py", "bench/area_sweep.py", "bench/pe_area.py")
