@@ -72,24 +72,27 @@ def gemm_utilisation(quick: bool = False, log=print) -> list[dict]:
     return rows
 
 
-def verilog_generation() -> dict:
+def verilog_generation(n: int = 16) -> dict:
+    """Seconds, Verilog lines and peak memory of generating the n x n W4A4 accelerator."""
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c",
                           "import resource, time; from hw.config import AccelConfig; from hw.build import generate; "
-                          "t=time.perf_counter(); v=generate(AccelConfig(rows=16, cols=16, w_bits=4, a_bits=4)); "
+                          f"t=time.perf_counter(); v=generate(AccelConfig(rows={n}, cols={n}, w_bits=4, a_bits=4)); "
                           "print(time.perf_counter()-t, v.count(chr(10)), "
                           "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
                          capture_output=True, text=True, check=True)
     gen_s, lines, rss_kb = out.stdout.split()
-    return {"config": "16x16 W4A4", "generation_seconds": round(float(gen_s), 2), "verilog_lines": int(lines),
+    return {"config": f"{n}x{n} W4A4", "generation_seconds": round(float(gen_s), 2), "verilog_lines": int(lines),
             "peak_rss_mb": round(int(rss_kb) / 1024, 1), "wall_seconds": round(time.perf_counter() - t0, 2)}
 
 
 def run(ctx) -> dict:
     ctx.log("GEMM utilisation on the RTL (Verilator):")
     util = gemm_utilisation(ctx.quick, ctx.log)
-    ctx.log("Verilog generation 16x16 W4A4:")
-    gen = verilog_generation()
+    # --quick: 4x4 (16x16 takes about a minute; tool_speed --quick times 4x4 and 8x8 too).
+    n = ctx.pick(16, 4)
+    ctx.log(f"Verilog generation {n}x{n} W4A4:")
+    gen = verilog_generation(n)
     ctx.log(f"  {gen['generation_seconds']} s, {gen['verilog_lines']} lines, peak {gen['peak_rss_mb']} MB")
     return {"gemm": util, "verilog_generation": gen}
 
