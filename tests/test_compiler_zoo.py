@@ -47,6 +47,23 @@ def zoo_model():
     return zoo.trained(cache=ROOT / "build" / "zoo", log=lambda s: None)
 
 
+def test_epoch_override_is_cached_apart_from_the_reference(tmp_path):
+    """``trained(epochs=, threads=)`` (``python -m bench --quick``'s short-trained models) trains
+    once, caches under its own name next to a record saying how, and never writes the reference
+    model's file."""
+    logs = []
+    m1 = zoo.trained("quarry_cnn", "mnist", cache=tmp_path, epochs=1, threads=1, log=logs.append)
+    assert sorted(f.name for f in tmp_path.glob("*.pt")) == [f"quarry_cnn-mnist-r{zoo.RECIPE_VERSION}-e1-t1.pt"]
+    rec = zoo.info("quarry_cnn", "mnist", cache=tmp_path, epochs=1, threads=1)
+    assert rec["epochs"] == 1 and rec["threads"] == 1
+    assert zoo.info("quarry_cnn", "mnist", cache=tmp_path) is None
+    logs.clear()
+    m2 = zoo.trained("quarry_cnn", "mnist", cache=tmp_path, epochs=1, threads=1, log=logs.append)
+    assert not logs  # loaded, not trained again
+    for a, b in zip(m1.state_dict().values(), m2.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 def ptq(model, calib, mapping):
     p = prepare_fx(copy.deepcopy(model).eval(), mapping, (calib[:1],))
     with torch.no_grad():
