@@ -25,11 +25,14 @@ DESCRIPTION = "bitstreams for iCEBreaker and ULX3S-85F: LUT/FF/BRAM/DSP use and 
 
 #: (label, board, model, array, bits, target MHz or None for the board's, quick run too)
 BUILDS = (
+    # --quick runs only this one: yosys and nextpnr-ice40 on a whole board SoC up to nextpnr's
+    # utilisation check (about 75 s; it does not fit). Every build that fits places and routes for
+    # minutes (iCEBreaker default: 5.5 min of nextpnr at 94 % of the LCs; a 2x2 ULX3S build too).
     ("icebreaker-4x4-w4-quarry_cnn", "icebreaker", "quarry_cnn", (4, 4), 4, None, True),
     ("icebreaker-2x2-w4-quarry_tiny", "icebreaker", "quarry_tiny", (2, 2), 4, None, False),
-    ("icebreaker-default", "icebreaker", "quarry_tiny", None, None, None, True),
-    # Place and route of the whole 8x8 top takes 7-30 min here: not in --quick (area_sweep --quick
-    # covers nextpnr-ecp5 on the array).
+    ("icebreaker-default", "icebreaker", "quarry_tiny", None, None, None, False),
+    # Place and route of the whole 8x8 top takes 7-30 min here (area_sweep --quick covers
+    # nextpnr-ecp5 on the array).
     ("ulx3s-85f-default", "ulx3s-85f", "quarry_cnn", None, None, None, False),
     ("ulx3s-85f-16x16-w4-100mhz", "ulx3s-85f", "quarry_cnn", (16, 16), 4, 100, False),
 )
@@ -53,7 +56,7 @@ def run(ctx) -> dict:
     except data.DataError as e:
         raise BenchError(str(e)) from None
     images, labels = x[:n].numpy(), y[:n].numpy()
-    out_root = ROOT / "build" / "bench" / "boards"
+    out_root = ROOT / "build" / "bench" / ctx.pick("boards", "boards-quick")  # a quick run keeps the full builds
     rows, not_run, started = [], [], time.time()
     for label, bname, model, pe, bits, mhz, in_quick in BUILDS:
         if ctx.quick and not in_quick:
