@@ -27,9 +27,9 @@ DESCRIPTION = "bitstreams for iCEBreaker and ULX3S-85F: LUT/FF/BRAM/DSP use and 
 BUILDS = (
     ("icebreaker-4x4-w4-quarry_cnn", "icebreaker", "quarry_cnn", (4, 4), 4, None, False),
     ("icebreaker-2x2-w4-quarry_tiny", "icebreaker", "quarry_tiny", (2, 2), 4, None, False),
-    # --quick runs only this one, the cheapest build that fits: 95 s of yosys and 143 s of
-    # nextpnr-ice40 on the shared machine, about what the 4x4 build above takes to find out it
-    # does not fit (184 s of yosys). A 2x2 ULX3S build took longer (over 8 min).
+    # --quick runs only this one, the cheapest build that fitted (at da2ce82: 95 s of yosys and
+    # 143 s of nextpnr-ice40 on the shared machine, about what the 4x4 build above takes to find
+    # out it does not fit: 184 s of yosys). A 2x2 ULX3S build took longer (over 8 min).
     ("icebreaker-default", "icebreaker", "quarry_tiny", None, None, None, True),
     # Place and route of the whole 8x8 top takes 7-30 min here (area_sweep --quick covers
     # nextpnr-ecp5 on the array).
