@@ -80,7 +80,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--jobs", type=_positive, default=min(2, len(os.sched_getaffinity(0))),
                    help="worker processes for golden-model runs (default: 2 or the CPU count if smaller)")
     p.add_argument("--images", type=_positive, default=None,
-                   help="test images per data set (default: 1000, or 200 with --quick)")
+                   help="test images per data set (default: the benchmark's own, up to 1000; 100-200 with --quick)")
     p.add_argument("--timeout", type=_positive, default=None, metavar="SECONDS",
                    help="per-run timeout of external tools (area_sweep; default: the benchmark's own)")
     p.add_argument("--budget", type=_positive, default=None, metavar="SECONDS",
