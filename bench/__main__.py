@@ -74,8 +74,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)})")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: every benchmark's real code path on its smallest case, zoo models trained "
-                        f"for {QUICK_ZOO_EPOCHS['mnist']} (MNIST) / {QUICK_ZOO_EPOCHS['fashion']} (Fashion-MNIST) "
-                        "epochs, the second data set skipped (minutes, not hours); results go to "
+                        f"for a few epochs ({', '.join(f'{k} {v}' for k, v in QUICK_ZOO_EPOCHS.items())}) on one "
+                        "thread, the second data set skipped (minutes, not hours); results go to "
                         f"{QUICK_OUT.relative_to(ROOT)}/ and README.md is left alone unless --readme names it")
     p.add_argument("--jobs", type=_positive, default=min(2, len(os.sched_getaffinity(0))),
                    help="worker processes for golden-model runs (default: 2 or the CPU count if smaller)")

@@ -69,7 +69,7 @@ def run(ctx) -> dict:
             board = with_frequency(board, mhz * 1e6)
         ctx.log(f"{label}: compiling {model} ...")
         prog = resolve_program(board, model, pe, (bits, bits) if bits else None, log=ctx.log,
-                               zoo_cache=ctx.zoo_cache, epochs=ctx.zoo_epochs("mnist"), threads=ctx.zoo_threads)
+                               zoo_cache=ctx.zoo_cache, epochs=ctx.zoo_epochs(model, "mnist"), threads=ctx.zoo_threads)
         ctx.log(f"{label}: {prog.config.describe()} at {board.clk_hz / 1e6:g} MHz ...")
         t0 = time.perf_counter()
         # A finished build from an identical build plan (design, scripts, options, tools) is

@@ -43,7 +43,9 @@ ZOO_CACHE = ROOT / "build" / "zoo"
 #: 40 (Fashion-MNIST): real training on the real data, but seconds instead of minutes on a fresh
 #: clone. They are cached apart from the reference weights (:data:`QUICK_ZOO_CACHE`), and every
 #: quick result says which model it used (``meta["zoo_epochs"]``).
-QUICK_ZOO_EPOCHS = {"mnist": 6, "fashion": 2}
+QUICK_ZOO_EPOCHS = {"quarry_cnn/mnist": 6, "quarry_cnn/fashion": 2,
+                    # boards' 4-channel model learns slower: 6 epochs (4 s) gave 45.5 % test top-1
+                    "quarry_tiny/mnist": 20}
 #: ... on one thread: on a shared machine the reference recipe's two (spinning) OpenMP threads run
 #: up to 8x slower than one (30 steps: 170 s wall against 21 s next to 4 other jobs on 2 cores).
 QUICK_ZOO_THREADS = 1
@@ -80,9 +82,9 @@ class Context:
         other data)."""
         return tuple(names[:1]) if self.quick else tuple(names)
 
-    def zoo_epochs(self, dataset: str) -> int | None:
-        """Training epochs of the zoo models this run uses (``None``: the reference recipe)."""
-        return QUICK_ZOO_EPOCHS[dataset] if self.quick else None
+    def zoo_epochs(self, name: str, dataset: str) -> int | None:
+        """Training epochs of the zoo model this run uses (``None``: the reference recipe)."""
+        return QUICK_ZOO_EPOCHS[f"{name}/{dataset}"] if self.quick else None
 
     @property
     def zoo_threads(self) -> int | None:
@@ -98,14 +100,15 @@ class Context:
         under ``--quick`` the short-trained one."""
         from compiler import zoo  # noqa: PLC0415 - heavy
 
-        return zoo.trained(name, dataset, cache=self.zoo_cache, epochs=self.zoo_epochs(dataset),
+        return zoo.trained(name, dataset, cache=self.zoo_cache, epochs=self.zoo_epochs(name, dataset),
                            threads=self.zoo_threads, log=self.log)
 
     def zoo_info(self, name: str = "quarry_cnn", dataset: str = "mnist") -> dict | None:
         """Training record of :meth:`trained`'s model."""
         from compiler import zoo  # noqa: PLC0415
 
-        return zoo.info(name, dataset, cache=self.zoo_cache, epochs=self.zoo_epochs(dataset), threads=self.zoo_threads)
+        return zoo.info(name, dataset, cache=self.zoo_cache, epochs=self.zoo_epochs(name, dataset),
+                        threads=self.zoo_threads)
 
     def zoo_glob(self, name: str = "quarry_cnn") -> tuple[Path, str]:
         """``(directory, pattern)`` of the cached weights of ``name`` (for :func:`fingerprint`)."""
