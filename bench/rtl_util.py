@@ -28,6 +28,8 @@ from hw.isa import HostMem
 from sim.golden import Machine
 from sim.verilator import Job, build
 
+from .common import ROOT
+
 DESCRIPTION = "GEMM utilisation on the RTL under Verilator (4x4, 8x8) and 16x16 Verilog generation cost"
 ARRAYS = ((4, 4), (8, 8))
 
@@ -80,7 +82,7 @@ def verilog_generation(n: int = 16) -> dict:
                           f"t=time.perf_counter(); v=generate(AccelConfig(rows={n}, cols={n}, w_bits=4, a_bits=4)); "
                           "print(time.perf_counter()-t, v.count(chr(10)), "
                           "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, check=True, cwd=ROOT)
     gen_s, lines, rss_kb = out.stdout.split()
     return {"config": f"{n}x{n} W4A4", "generation_seconds": round(float(gen_s), 2), "verilog_lines": int(lines),
             "peak_rss_mb": round(int(rss_kb) / 1024, 1), "wall_seconds": round(time.perf_counter() - t0, 2)}
