@@ -1,12 +1,12 @@
 """ULX3S with the ECP5-85F (LFE5U-85F, 84k LUT4, 208 DP16KD block RAMs, 156 18x18 multipliers).
 
 Default accelerator: an 8x8 array of 4-bit PEs at 50 MHz from the PLL (the 25 MHz oscillator
-with ``--freq 25``); measured 51.1 MHz after place and route (``bench/results/boards.md``), after
-the decode register, the PE product register and the requantization multiply stage moved it
-from 34 MHz. Memory depths are
+with ``--freq 25``); measured 50.9 MHz after place and route with MATMUL/POST overlap
+(``bench/results/boards.md``), after the decode register, the PE product register and the
+requantization multiply stage moved it from 34 MHz. Memory depths are
 sized for the default model (``quarry_cnn``, MNIST) compiled for it: it needs
-239 instructions, 866 weight rows, 12 parameter rows, 3,528 scratchpad rows and 784 accumulator
-rows, rounded up to powers of two below. ``python -m boards.build --pe 16x16`` builds the bigger
+286 instructions, 866 weight rows, 12 parameter rows, 3,528 scratchpad rows and 1,288 accumulator
+rows (two ping-pong regions), rounded up to powers of two below. ``python -m boards.build --pe 16x16`` builds the bigger
 array (the benchmark targets 100 MHz for it).
 """
 
