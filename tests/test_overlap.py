@@ -32,14 +32,23 @@ RES = 60  # residual rows
 OUT1, OUT2 = 100, 200  # spad rows the two POSTs write
 
 
-def _program(cfg: AccelConfig, rng, d: int, *, accumulate: bool, residual: bool, mm2_spad: int = X2) -> Program:
-    """MATMUL -> acc rows 0..N_POST-1; POST of them (PRELOAD of the next tile before it, so the
-    second MATMUL is ready to go); a second MATMUL into acc rows d..d+N_MM-1; POST of those."""
+def _marked(cfg: AccelConfig, rng, instrs) -> Program:
+    """``instrs`` with overlap bits marked, two banks' worth of random weights and one random
+    requantization param row."""
     R, C = cfg.rows, cfg.cols
     wlo, whi = -(1 << (cfg.w_bits - 1)), (1 << (cfg.w_bits - 1)) - 1
     wmem = rng.integers(wlo, whi + 1, (2 * R, C))
     params = {"bias": rng.integers(-50, 50, (1, C)), "mult": rng.integers(1 << 10, 1 << 14, (1, C)),
               "res_mult": rng.integers(1 << 10, 1 << 14, (1, C)), "shift": np.full((1, C), 14)}
+    images = {"wmem": pack_rows(isa.wmem_row_layout(cfg), wmem),
+              "param": pack_rows(isa.param_row_layout(cfg), params)}
+    return Program(cfg, timing.mark_overlaps(cfg, instrs), images, {})
+
+
+def _program(cfg: AccelConfig, rng, d: int, *, accumulate: bool, residual: bool, mm2_spad: int = X2) -> Program:
+    """MATMUL -> acc rows 0..N_POST-1; POST of them (PRELOAD of the next tile before it, so the
+    second MATMUL is ready to go); a second MATMUL into acc rows d..d+N_MM-1; POST of those."""
+    R, C = cfg.rows, cfg.cols
     instrs = [
         isa.preload(bank=0, w_addr=0, n_rows=R),
         isa.matmul(bank=0, spad_base=0, acc_base=0, in_w=N_POST, out_w=N_POST),
@@ -50,9 +59,7 @@ def _program(cfg: AccelConfig, rng, d: int, *, accumulate: bool, residual: bool,
         isa.post(acc_base=d, spad_base=OUT2, n=N_MM, param_addr=0, n_lanes=C, lo=-8, hi=7),
         isa.halt(),
     ]
-    images = {"wmem": pack_rows(isa.wmem_row_layout(cfg), wmem),
-              "param": pack_rows(isa.param_row_layout(cfg), params)}
-    return Program(cfg, timing.mark_overlaps(cfg, instrs), images, {})
+    return _marked(cfg, rng, instrs)
 
 
 def _spad_writes(cfg, rng):
@@ -150,10 +157,6 @@ def _post_program(cfg: AccelConfig, rng, m_a: int, *, residual: bool, post_spad:
     """MATMUL A -> acc rows 0..m_a-1; MATMUL B -> acc rows ACC_B..; POST of A placed after B (it
     may issue while A drains and B streams); POST of B."""
     R, C = cfg.rows, cfg.cols
-    wlo, whi = -(1 << (cfg.w_bits - 1)), (1 << (cfg.w_bits - 1)) - 1
-    wmem = rng.integers(wlo, whi + 1, (2 * R, C))
-    params = {"bias": rng.integers(-50, 50, (1, C)), "mult": rng.integers(1 << 10, 1 << 14, (1, C)),
-              "res_mult": rng.integers(1 << 10, 1 << 14, (1, C)), "shift": np.full((1, C), 14)}
     instrs = [
         isa.preload(bank=0, w_addr=0, n_rows=R),
         isa.matmul(bank=0, spad_base=0, acc_base=0, in_w=m_a, out_w=m_a),
@@ -164,9 +167,7 @@ def _post_program(cfg: AccelConfig, rng, m_a: int, *, residual: bool, post_spad:
         isa.post(acc_base=ACC_B, spad_base=OUT2, n=MM_B, param_addr=0, n_lanes=C, lo=-8, hi=7),
         isa.halt(),
     ]
-    images = {"wmem": pack_rows(isa.wmem_row_layout(cfg), wmem),
-              "param": pack_rows(isa.param_row_layout(cfg), params)}
-    return Program(cfg, timing.mark_overlaps(cfg, instrs), images, {})
+    return _marked(cfg, rng, instrs)
 
 
 def _post_overlaps(prog) -> bool:
