@@ -125,12 +125,22 @@ def test_overlap_saves_cycles_on_a_compiled_conv():
     assert timing.mark_overlaps(cfg, marked) == marked
 
 
+def _assert_rtl_matches(jobs) -> None:
+    """Run ``jobs`` on CFG's RTL under Verilator: every word and the cycle count equal the golden
+    model's."""
+    from sim.rtlrun import compare
+    from sim.verilator import build
+
+    report = compare(CFG, jobs, build(CFG))
+    assert not report, "; ".join(f"job {m.job}: {m.kind} {m.mem} row {m.row} expected {m.expected} got {m.got}"
+                                 for m in report[:5])
+
+
 @pytest.mark.rtl
 def test_rtl_overlap_boundary():
     """Both sides of the acc boundary, overwrite and accumulate, with and without a residual POST
     (whose spad reads the MATMUL must wait out): RTL == golden, cycles exact."""
-    from sim.rtlrun import compare
-    from sim.verilator import Job, build
+    from sim.verilator import Job
 
     rng = np.random.default_rng(4)
     ml = timing.matmul_latency(CFG)
@@ -142,9 +152,7 @@ def test_rtl_overlap_boundary():
             reads = [(HostMem.SPAD, OUT1, N_POST), (HostMem.SPAD, OUT2, N_MM), (HostMem.ACC, 0, CFG.acc_depth)]
             jobs.append(Job(prog, _spad_writes(CFG, rng), reads))
     assert any(overlapped) and not all(overlapped)
-    report = compare(CFG, jobs, build(CFG))
-    assert not report, "; ".join(f"job {m.job}: {m.kind} {m.mem} row {m.row} expected {m.expected} got {m.got}"
-                                 for m in report[:5])
+    _assert_rtl_matches(jobs)
 
 
 # -- POST overlapping the MATMULs before it (ping-pong accumulators) ---------------------------------
@@ -224,8 +232,7 @@ def test_compiled_layers_ping_pong():
 def test_rtl_post_overlap_boundary():
     """Both sides of the POST's acc boundary, with and without a residual (whose spad reads wait
     for the MATMUL's): RTL == golden, cycles exact."""
-    from sim.rtlrun import compare
-    from sim.verilator import Job, build
+    from sim.verilator import Job
 
     rng = np.random.default_rng(8)
     ml = timing.matmul_latency(CFG)
@@ -237,6 +244,4 @@ def test_rtl_post_overlap_boundary():
             reads = [(HostMem.SPAD, OUT1, m_a), (HostMem.SPAD, OUT2, MM_B), (HostMem.ACC, 0, CFG.acc_depth)]
             jobs.append(Job(prog, _spad_writes(CFG, rng), reads))
     assert any(overlapped) and not all(overlapped)
-    report = compare(CFG, jobs, build(CFG))
-    assert not report, "; ".join(f"job {m.job}: {m.kind} {m.mem} row {m.row} expected {m.expected} got {m.got}"
-                                 for m in report[:5])
+    _assert_rtl_matches(jobs)
