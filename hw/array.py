@@ -9,7 +9,8 @@ from amaranth.lib.wiring import In, Out
 from . import isa, timing
 from .config import AccelConfig
 
-__all__ = ["IntPE", "PotPE", "HybridPE", "PE_CLASSES", "SystolicArray", "delay", "pot_product", "pot_early", "pot_late", "pot_shift"]
+__all__ = ["IntPE", "PotPE", "HybridPE", "PE_CLASSES", "SystolicArray", "delay", "pot_product", "pot_early", "pot_late",
+           "pot_shift", "psum_width"]
 
 
 def delay(m: Module, sig, n: int, name: str = "dly"):
@@ -19,6 +20,33 @@ def delay(m: Module, sig, n: int, name: str = "dly"):
         m.d.sync += nxt.eq(sig)
         sig = nxt
     return sig
+
+
+def psum_width(cfg: AccelConfig, terms: int) -> int:
+    """Signed width of a partial sum of ``terms`` PE products: the psum leaving array row ``r``
+    (``terms = r + 1``; row 0 adds to zero) is built this wide, and it cannot overflow.
+
+    ``min(cfg.acc_width, cfg.product_bits + ceil(log2(terms)))``. Derivation: the PE's
+    activation is an ``a_bits`` value sign- or zero-extended (:attr:`AccelConfig.act_ext_bits`),
+    so ``|a| <= 2**a_bits - 1``; an int weight has ``|w| <= 2**(w_bits-1)`` and the value of a
+    PoT code the shifter can form is at most ``2**pot_max_exp`` in magnitude (:func:`pot_shift`:
+    only the magnitude bits a legal code needs reach the shifter, so even an illegal code
+    shifts by at most ``pot_max_exp``). So every product ``p`` (of the PE's mode; a hybrid
+    array's vector uses one mode, and :attr:`AccelConfig.product_bits` is the larger of both)
+    has ``|p| <= 2**(P-1) - 1`` with ``P = product_bits`` (int: ``2**(w_bits-1) * (2**a_bits - 1)
+    < 2**(w_bits+a_bits-1)``; PoT: ``2**pot_max_exp * (2**a_bits - 1) < 2**(a_bits+pot_max_exp)``).
+    A sum of ``n <= 2**k`` of them (``k = ceil(log2(n))``) lies in
+    ``[-n * 2**(P-1), n * (2**(P-1) - 1)]``, inside ``[-2**(P-1+k), 2**(P-1+k) - 1]``: ``P + k``
+    signed bits. It never needs more than ``acc_width``, and when ``acc_bits`` makes
+    ``acc_width`` narrower the psum wraps modulo ``2**acc_width`` as before. Either way the
+    last row's psum sign-extended to ``acc_width`` is exactly the full-width sum modulo
+    ``2**acc_width``, bit for bit. The bound is tight: ``n = 2**k`` products of the most
+    negative int weight and ``2**a_bits - 1`` (or of ``-2**pot_max_exp`` and ``2**a_bits - 1``)
+    wrap in one bit fewer (``tests/test_rtl_units.py::test_array_psum_width_is_tight``).
+    """
+    if terms < 1:
+        raise ValueError(f"psum_width: terms must be >= 1, got {terms}")
+    return min(cfg.acc_width, cfg.product_bits + (terms - 1).bit_length())
 
 
 def pot_shift(cfg: AccelConfig) -> tuple[bool, int]:
@@ -102,20 +130,26 @@ class _PE(wiring.Component):
         Activation, already sign- or zero-extended (so one PE serves signed and unsigned tensors).
     bank_in, bank_out : 1
         Weight bank this activation uses.
-    psum_in, psum_out : signed(acc_width)
-        Partial sum; wraps modulo ``2**acc_width`` exactly like the accumulator memory.
+    psum_in, psum_out : signed(psum_width)
+        Partial sum; wraps modulo ``2**psum_width``. ``psum_width`` defaults to ``acc_width``
+        (wrapping exactly like the accumulator memory); :class:`SystolicArray` builds row ``r``
+        with :func:`psum_width` ``(cfg, r + 1)`` bits, which cannot overflow.
     w_data, w_we, w_bank : weight load (``w_we`` writes ``w_data`` into bank ``w_bank``).
     """
 
     #: The PE has ``pot_in``/``pot_out``: a per-activation mode bit that travels like ``bank``.
     HAS_MODE = False
 
-    def __init__(self, cfg: AccelConfig):
+    def __init__(self, cfg: AccelConfig, psum_width: int | None = None):
         self._cfg = cfg
+        pw = cfg.acc_width if psum_width is None else psum_width
+        if not 1 <= pw <= cfg.acc_width:
+            raise ValueError(f"PE psum_width must be 1..acc_width ({cfg.acc_width}), got {pw}")
+        self.psum_width = pw
         ports = {
             "a_in": In(signed(cfg.act_ext_bits)), "a_out": Out(signed(cfg.act_ext_bits)),
             "bank_in": In(1), "bank_out": Out(1),
-            "psum_in": In(signed(cfg.acc_width)), "psum_out": Out(signed(cfg.acc_width)),
+            "psum_in": In(signed(pw)), "psum_out": Out(signed(pw)),
             "w_data": In(signed(cfg.w_bits)), "w_we": In(1), "w_bank": In(1),
         }
         if self.HAS_MODE:
@@ -219,6 +253,10 @@ class SystolicArray(wiring.Component):
     PEs, so a bank can be rewritten while the other one is in use. The PEs are
     ``PE_CLASSES[cfg.pe_kind]``; ``a_pot`` (the vector's MATMUL ``pot`` field) travels with the
     vector like ``a_bank`` in a ``hybrid`` array and is unused otherwise (the ISA fixes it).
+
+    The partial sum leaving row ``r`` is :func:`psum_width` ``(cfg, r + 1)`` bits wide (it cannot
+    overflow there), and so are the de-skew registers after the last row; ``psum`` sign-extends
+    it to ``acc_width``, which gives exactly the full-width sum modulo ``2**acc_width``.
     """
 
     def __init__(self, cfg: AccelConfig):
@@ -244,7 +282,7 @@ class SystolicArray(wiring.Component):
         cfg = self._cfg
         R, C = cfg.rows, cfg.cols
         pe_cls = PE_CLASSES[cfg.pe_kind]
-        pes = [[pe_cls(cfg) for _ in range(C)] for _ in range(R)]
+        pes = [[pe_cls(cfg, psum_width(cfg, r + 1)) for _ in range(C)] for r in range(R)]
         for r in range(R):
             for c in range(C):
                 pe = pes[r][c]
@@ -261,6 +299,7 @@ class SystolicArray(wiring.Component):
                     m.d.comb += [pe.a_in.eq(left.a_out), pe.bank_in.eq(left.bank_out)]
                     if pe_cls.HAS_MODE:
                         m.d.comb += pe.pot_in.eq(left.pot_out)
+                # Row r - 1's psum is narrower or as wide: the assignment sign-extends it.
                 m.d.comb += pe.psum_in.eq(0 if r == 0 else pes[r - 1][c].psum_out)
                 m.d.comb += [
                     pe.w_data.eq(self.w_row[c]),
@@ -268,5 +307,6 @@ class SystolicArray(wiring.Component):
                     pe.w_bank.eq(self.w_bank),
                 ]
         for c in range(C):
+            # De-skew at the last row's width; the port assignment sign-extends to acc_width.
             m.d.comb += self.psum[c].eq(delay(m, pes[R - 1][c].psum_out, C - 1 - c, f"deskew{c}"))
         return m

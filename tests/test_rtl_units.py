@@ -189,7 +189,9 @@ def test_systolic_array_double_buffered(rows, cols, w_bits, a_bits, kind):
         tiles = [rng.integers(wlo, whi + 1, (rows, cols)) for _ in range(n_tiles)]
     else:
         tiles = [isa.pot_encode(rng.choice(isa.pot_values(cfg), (rows, cols)), cfg) for _ in range(n_tiles)]
-    vecs = [rng.integers(-(1 << a_bits), 1 << a_bits, rows) for _ in range(n_tiles * per_tile)]
+    # Activations as the PE sees them: a_bits signed or unsigned, sign- or zero-extended
+    # (hw.array.psum_width's bound needs |a| <= 2**a_bits - 1).
+    vecs = [rng.integers(-(1 << (a_bits - 1)), 1 << a_bits, rows) for _ in range(n_tiles * per_tile)]
     modes = [{"int": 0, "pot": 1}.get(kind, int(rng.integers(0, 2))) for _ in vecs]
     expected = [wrap(vecs[i] @ (isa.pot_decode(tiles[i // per_tile], cfg) if modes[i] else tiles[i // per_tile]),
                      cfg.acc_width) for i in range(len(vecs))]
