@@ -1,7 +1,18 @@
 """FPGA area of the processing elements: int vs power-of-two (PoT) vs hybrid.
 
 Synthesizes one PE (``hw.array.PE_CLASSES[kind]``, two weight banks, registered outputs) and an
-8x8 :class:`hw.array.SystolicArray` of each kind with YoWASP yosys and counts cells:
+8x8 :class:`hw.array.SystolicArray` of each kind with YoWASP yosys and counts cells. The array
+builds row ``r``'s partial sum :func:`hw.array.psum_width` ``(cfg, r + 1)`` bits wide (it cannot
+overflow there), so its PEs differ by row; the units are:
+
+* ``array``: the whole 8x8 array (the headline: divided by 64 it is the array-average PE,
+  skew/de-skew registers included);
+* ``pe``: one PE at the psum width of an average row of that array (the mean of the 8 rows'
+  widths, rounded; the ``psum`` column);
+* ``pe_acc``: one PE at the full accumulator width (what every PE was before the per-row
+  widths, kept for comparison; DSP-free flows only).
+
+Other details:
 
 * design points: W2A8, W4A8, W8A8 (8-bit activations, the usual case) and W4A4 (the "INT4 PE"
   of issue 5's target, "a PoT PE uses <= 0.6x the LUTs of an INT4 PE"); every design has the
@@ -47,26 +58,50 @@ _ECP5_CLASSIC = ("synth_ecp5 -top {top} {flags} -run :map_luts; techmap -map +/l
 #: flow -> (family, yosys synthesis script, units it runs on).
 FLOWS = {
     "ecp5": ("ecp5", _ECP5_CLASSIC.replace("{flags}", ""), ("pe", "array")),
-    "ecp5_nodsp": ("ecp5", _ECP5_CLASSIC.replace("{flags}", "-nodsp"), ("pe", "array")),
+    "ecp5_nodsp": ("ecp5", _ECP5_CLASSIC.replace("{flags}", "-nodsp"), ("pe", "pe_acc", "array")),
     "ecp5_abc9": ("ecp5", "synth_ecp5 -top {top} -nodsp", ("pe",)),
-    "ice40": ("ice40", "synth_ice40 -top {top}", ("pe", "array")),
+    "ice40": ("ice40", "synth_ice40 -top {top}", ("pe", "pe_acc", "array")),
     "ice40_dsp": ("ice40", "synth_ice40 -top {top} -dsp", ("pe",)),
 }
 #: Flows without DSP blocks: the LUT comparisons use these.
 LUT_FLOWS = ("ecp5_nodsp", "ice40", "ecp5_abc9")
 
 
+#: Units: one PE at an average row's psum width, one PE at the accumulator width, the array.
+UNITS = ("pe", "pe_acc", "array")
+
+
 def _config(unit: str, kind: str, w: int, a: int):
     from hw.config import AccelConfig
 
-    rows, cols = (1, 1) if unit == "pe" else ARRAY
+    rows, cols = ARRAY if unit == "array" else (1, 1)
     return AccelConfig(rows=rows, cols=cols, w_bits=w, a_bits=a, pe_kind=kind)
+
+
+def avg_row_psum_width(kind: str, w: int, a: int) -> int:
+    """The mean of the ``ARRAY`` rows' psum widths (:func:`hw.array.psum_width`), rounded."""
+    from hw.array import psum_width
+
+    cfg = _config("array", kind, w, a)
+    return round(sum(psum_width(cfg, r + 1) for r in range(cfg.rows)) / cfg.rows)
+
+
+def _psum_width(unit: str, cfg) -> int:
+    if unit == "pe":
+        return avg_row_psum_width(cfg.pe_kind, cfg.w_bits, cfg.a_bits)
+    if unit == "pe_acc":
+        return cfg.acc_width
+    from hw.array import psum_width
+
+    return psum_width(cfg, cfg.rows)  # the array's last row (and de-skew registers)
 
 
 def _design(unit: str, cfg):
     from hw.array import PE_CLASSES, SystolicArray
 
-    return PE_CLASSES[cfg.pe_kind](cfg) if unit == "pe" else SystolicArray(cfg)
+    if unit == "array":
+        return SystolicArray(cfg)
+    return PE_CLASSES[cfg.pe_kind](cfg, _psum_width(unit, cfg))
 
 
 def metrics(family: str, cells: dict) -> dict:
@@ -118,7 +153,7 @@ def run(ctx) -> dict:
     from amaranth.back import rtlil
 
     version = yosys_version()
-    units = ("pe",) if ctx.quick else ("pe", "array")
+    units = ("pe",) if ctx.quick else UNITS
     widths = ((4, 8), (4, 4)) if ctx.quick else WIDTHS
     jobs = []
     for unit in units:
@@ -127,12 +162,13 @@ def run(ctx) -> dict:
                 cfg = _config(unit, kind, w, a)
                 folder = WORK / f"{unit}_{kind}_w{w}a{a}"
                 folder.mkdir(parents=True, exist_ok=True)
-                top = "pe" if unit == "pe" else "array"
+                top = "array" if unit == "array" else "pe"
                 (folder / "design.il").write_text(rtlil.convert(_design(unit, cfg), name=top))
                 for flow, (family, _, flow_units) in FLOWS.items():
                     if unit in flow_units and (not ctx.quick or flow in ("ecp5_nodsp", "ice40")):
                         jobs.append({"unit": unit, "kind": kind, "w_bits": w, "a_bits": a,
-                                     "acc_width": cfg.acc_width, "flow": flow, "family": family,
+                                     "acc_width": cfg.acc_width, "psum_width": _psum_width(unit, cfg),
+                                     "flow": flow, "family": family,
                                      "folder": folder, "top": top})
     ctx.log(f"{len(jobs)} synthesis runs with {version}, {ctx.jobs} at a time")
     points = []
@@ -144,7 +180,7 @@ def run(ctx) -> dict:
             what = p.get("error") or f"lut_eq {p['lut_eq']} ff {p['ff']} dsp {p['dsp']}"
             ctx.log(f"  {p['unit']:5s} {p['kind']:6s} W{p['w_bits']}A{p['a_bits']} {p['flow']:10s} "
                     f"{p['seconds']:6.1f} s: {what}")
-    points.sort(key=lambda p: (p["unit"], WIDTHS.index((p["w_bits"], p["a_bits"])), KINDS.index(p["kind"]),
+    points.sort(key=lambda p: (UNITS.index(p["unit"]), WIDTHS.index((p["w_bits"], p["a_bits"])), KINDS.index(p["kind"]),
                                list(FLOWS).index(p["flow"])))
     return {"yosys": version, "array": f"{ARRAY[0]}x{ARRAY[1]}", "points": points, "ratios": ratios(points)}
 
@@ -161,7 +197,7 @@ def ratios(points: list[dict]) -> list[dict]:
     """LUT4-equivalent ratios on the DSP-free flows: PoT and hybrid vs int at the same widths,
     and every PoT point vs the INT4 (W4A4) PE/array."""
     out = []
-    for unit in ("pe", "array"):
+    for unit in UNITS:
         for flow in LUT_FLOWS:
             int4 = _find(points, unit=unit, flow=flow, kind="int", w_bits=4, a_bits=4)
             for w, a in WIDTHS:
@@ -206,23 +242,32 @@ def markdown(res: dict, meta: dict) -> str:
              f"Measured {meta.get('date', '')} at {meta.get('git', {}).get('revision', '')} with "
              f"{res['yosys']}. Each cell: **LUT4 equivalents / flip-flops / DSP blocks**; on ECP5 the "
              "LUT4 equivalents are LUT4 + 2 x CCU2C (shown in brackets), on iCE40 SB_LUT4. "
-             "Accumulator widths are the generator's defaults (wmem_depth 4096). Flows:", ""]
+             "Accumulator widths (`acc`) are the generator's defaults (wmem_depth 4096); `psum` is the "
+             "partial-sum width the unit is built with (`hw.array.psum_width`: row r of the array sums r + 1 "
+             "products and is built just wide enough for them; for the array, its last row's). "
+             "Units: **array** = the whole 8x8 array (÷64 = the array-average PE, the headline); "
+             "**one PE** = a PE at the psum width of an average row of that array; **one PE at acc "
+             "width** = a PE whose psum is the full accumulator width (every PE before the per-row widths). "
+             "Flows:", ""]
     lines += [f"* `{f}`: {n}" for f, n in _FLOW_NOTES.items()]
-    flows_of = {u: [f for f, (_, _, us) in FLOWS.items() if u in us] for u in ("pe", "array")}
-    for unit, title in (("pe", "One PE"), ("array", f"{res['array']} SystolicArray")):
+    flows_of = {u: [f for f, (_, _, us) in FLOWS.items() if u in us] for u in UNITS}
+    for unit, title in (("pe", "One PE (average row's psum width)"), ("pe_acc", "One PE at acc width"),
+                        ("array", f"{res['array']} SystolicArray")):
         if not any(p["unit"] == unit for p in pts):
             continue
         flows = [f for f in flows_of[unit] if any(p["unit"] == unit and p["flow"] == f for p in pts)]
         lines += ["", f"## {title}", "",
-                  "| kind | W/A | acc | " + " | ".join(f"`{f}`" for f in flows) + " |",
-                  "|---|---|---|" + "---|" * len(flows)]
+                  "| kind | W/A | acc | psum | " + " | ".join(f"`{f}`" for f in flows) + " |",
+                  "|---|---|---|---|" + "---|" * len(flows)]
         for w, a in WIDTHS:
             for kind in KINDS:
                 row = [_find(pts, failed=True, unit=unit, kind=kind, w_bits=w, a_bits=a, flow=f) for f in flows]
                 if all(r is None for r in row):
                     continue
-                acc = next(r["acc_width"] for r in row if r is not None)
-                lines.append(f"| {kind} | W{w}A{a} | {acc} | " + " | ".join(_cell(r) for r in row) + " |")
+                first = next(r for r in row if r is not None)
+                pw = first.get("psum_width", first["acc_width"])
+                lines.append(f"| {kind} | W{w}A{a} | {first['acc_width']} | {pw} | "
+                             + " | ".join(_cell(r) for r in row) + " |")
     rs = res["ratios"]
     if rs:
         lines += ["", "## LUT ratios (DSP-free flows, LUT4 equivalents)", "",
@@ -236,7 +281,7 @@ def markdown(res: dict, meta: dict) -> str:
             lines += ["", "Issue 5 target, PoT W4A4 PE/array vs INT4 (W4A4) in LUT4 equivalents: "
                       + "; ".join(f"{r['unit']} `{r['flow']}` {r['vs_int4_a4']:.2f}x" for r in head)
                       + " (target <= 0.6x)."]
-    lines += ["", "Notes: flip-flop counts follow the accumulator width (`acc` column), which for PoT "
+    lines += ["", "Notes: flip-flop counts follow the partial-sum width (`psum` column; at most `acc`), which for PoT "
               "(`a_bits + 1 + pot_max_exp` product bits) is wider than for int except at W2. A hybrid PE "
               "carries both datapaths, the wider accumulator and a mode register. With DSP inference (`ecp5`, `ice40_dsp`) the "
               "int multiplier moves into a DSP block where yosys finds one worth it; LUT counts of "
@@ -256,7 +301,7 @@ def plot(res: dict, path) -> None:
     from .common import save_figure
 
     pts = res["points"]
-    units = [u for u in ("pe", "array") if any(p["unit"] == u for p in pts)]
+    units = [u for u in ("pe", "array") if any(p["unit"] == u for p in pts)]  # pe_acc: tables only
     flows = ("ecp5_nodsp", "ice40")
     fig, axes = plt.subplots(len(units), len(flows), figsize=(10, 3.4 * len(units)), squeeze=False)
     colors = {"int": "tab:blue", "pot": "tab:orange", "hybrid": "tab:green"}
@@ -273,7 +318,7 @@ def plot(res: dict, path) -> None:
                 ax.bar(x + (k - 1) * 0.27, vals, 0.27, label=kind, color=colors[kind])
             ax.set_xticks(x, [f"W{w}A{a}" for w, a in widths])
             ax.set_ylabel("LUT4 equivalents")
-            ax.set_title(f"{'one PE' if unit == 'pe' else res['array'] + ' array'}, {flow}", fontsize=9)
+            ax.set_title(f"{'one PE (avg row psum)' if unit == 'pe' else res['array'] + ' array'}, {flow}", fontsize=9)
             if i == 0 and j == 0:
                 ax.legend(fontsize=8)
     fig.suptitle("PE kinds: LUTs without DSP blocks (yosys)", fontsize=10)
@@ -285,7 +330,7 @@ def plot(res: dict, path) -> None:
 def summary(res: dict, meta: dict) -> str:
     pts = res["points"]
     parts = []
-    for unit, what in (("pe", "one PE"), ("array", f"{res['array']} array")):
+    for unit, what in (("array", f"{res['array']} array (array-average PE)"), ("pe", "one PE at an average row's psum width")):
         rs = [r for r in res["ratios"] if r["unit"] == unit and r["kind"] == "pot" and r["flow"] in ("ecp5_nodsp", "ice40")
               and (r["w_bits"], r["a_bits"]) == (4, 4)]
         if rs:
