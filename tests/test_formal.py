@@ -38,7 +38,7 @@ from __future__ import annotations
 import pytest
 from amaranth.hdl import Assert, Assume, Const, Elaboratable, Module, Mux, Signal, signed, unsigned
 
-from hw.array import PE_CLASSES
+from hw.array import PE_CLASSES, psum_width
 from hw.config import AccelConfig
 from hw.ppu import RequantLane, RoundClamp
 from sim import formal
@@ -117,16 +117,17 @@ class PpuProof(Elaboratable):
 
 class PeProof(Elaboratable):
     """Any PE kind: psum_out(t + 2) == psum_in(t + 1) + value(weight[bank](t)) * a(t) (mod
-    2**acc_width), where value is
+    2**psum_width; ``psum_width`` None: the PE's default, acc_width), where value is
     the two's-complement weight (int, or hybrid with pot=0) or the power of two a PoT code stands
     for (pot, or hybrid with pot=1): sign bit, magnitude k, k == 0 -> 0, else (-1)**sign * 2**(k-1).
     a, bank (and pot) pass through. Loaded PoT codes are assumed legal (k <= pot_max_exp + 1):
     the golden model and the program loader reject others."""
 
-    def __init__(self, cfg: AccelConfig, exp_offset: int = 1):
+    def __init__(self, cfg: AccelConfig, exp_offset: int = 1, psum_width: int | None = None):
         self.cfg = cfg
         self.exp_offset = exp_offset  # 1 is the spec; anything else is a wrong spec
-        self.dut = PE_CLASSES[cfg.pe_kind](cfg)
+        self.width = cfg.acc_width if psum_width is None else psum_width
+        self.dut = PE_CLASSES[cfg.pe_kind](cfg, psum_width)
 
     def elaborate(self, platform):
         m = Module()
@@ -153,9 +154,9 @@ class PeProof(Elaboratable):
         # cycle t + 1 (the PE's product register, hw.timing.PE_STAGES) and leaves in t + 2.
         product = Signal(signed(big + cfg.w_bits + cfg.act_ext_bits + 2))
         m.d.comb += product.eq(value * d.a_in)
-        full = Signal(signed(cfg.acc_width + len(product) + 1))
+        full = Signal(signed(self.width + len(product) + 1))
         m.d.comb += full.eq(d.psum_in + _pipe(m, product, 1, "prod"))
-        expect = _pipe(m, full[:cfg.acc_width].as_signed(), 1, "psum")
+        expect = _pipe(m, full[:self.width].as_signed(), 1, "psum")
         a, b = _pipe(m, d.a_in, 1, "a"), _pipe(m, d.bank_in, 1, "b")
         p = _pipe(m, d.pot_in, 1, "p") if cfg.pe_kind == "hybrid" else None
         with m.If(_valid_after(m, 2)):
@@ -168,6 +169,76 @@ class PeProof(Elaboratable):
         d = self.dut
         extra = [d.pot_in, d.pot_out] if self.cfg.pe_kind == "hybrid" else []
         return [d.a_in, d.bank_in, d.psum_in, d.w_data, d.w_we, d.w_bank, d.a_out, d.bank_out, d.psum_out, *extra]
+
+
+class ArrayPsumProof(Elaboratable):
+    """A whole ``SystolicArray`` (PEs built with the per-row partial-sum widths of
+    :func:`hw.array.psum_width`): after a load phase (``2 * rows`` cycles in which any weights of
+    either bank are written, in any order; legal PoT codes assumed as in :class:`PeProof`), every
+    vector of legal activations (``a_bits`` signed or unsigned: ``-2**(a_bits-1) <= a <=
+    2**a_bits - 1``), any bank and (hybrid) mode, leaves the array ``array_latency`` cycles later
+    as exactly ``sum_r value(weight[bank][r][c]) * a[r]`` modulo ``2**acc_width``: no row's narrow
+    partial sum wraps. BMC from reset deep enough for the first vectors after the load phase
+    (each vector's result depends only on its own inputs and the then constant weights, and
+    all inputs are free, so that covers every legal weight set and vector)."""
+
+    def __init__(self, cfg: AccelConfig):
+        from hw.array import SystolicArray
+
+        self.cfg = cfg
+        self.dut = SystolicArray(cfg)
+        self.load = 2 * cfg.rows
+
+    def elaborate(self, platform):
+        from hw.timing import array_latency
+
+        m = Module()
+        cfg, d = self.cfg, self.dut
+        m.submodules.dut = d
+        R, C, wb, a = cfg.rows, cfg.cols, cfg.w_bits, cfg.a_bits
+        cnt = Signal(range(self.load + 1))
+        with m.If(cnt != self.load):
+            m.d.sync += cnt.eq(cnt + 1)
+        loaded = cnt == self.load
+        m.d.comb += Assume(~(loaded & d.w_we))
+        ref = [[[Signal(signed(wb), name=f"ref_w{b}_{r}_{c}") for c in range(C)] for r in range(R)] for b in range(2)]
+        with m.If(d.w_we):
+            for r in range(R):
+                with m.If(d.w_row_idx == r):
+                    for c in range(C):
+                        with m.If(d.w_bank):
+                            m.d.sync += ref[1][r][c].eq(d.w_row[c])
+                        with m.Else():
+                            m.d.sync += ref[0][r][c].eq(d.w_row[c])
+                if cfg.pe_kind != "int":
+                    for c in range(C):
+                        m.d.comb += Assume(d.w_row[c].as_unsigned()[:wb - 1] <= cfg.pot_max_exp + 1)
+        for r in range(R):
+            m.d.comb += Assume((d.a_vec[r] >= -(1 << (a - 1))) & (d.a_vec[r] <= (1 << a) - 1))
+        big = cfg.pot_max_exp + 2
+        mode = {"int": Const(0), "pot": Const(1)}.get(cfg.pe_kind, d.a_pot)
+        W = cfg.acc_width + big + wb + a + 4
+        lat = array_latency(cfg)
+        valid = _pipe(m, loaded, lat, "valid")
+        for c in range(C):
+            total = Const(0, signed(W))
+            for r in range(R):
+                code = Mux(d.a_bank, ref[1][r][c], ref[0][r][c])
+                k, sgn = code.as_unsigned()[:wb - 1], code.as_unsigned()[wb - 1]
+                one = Const(1, signed(big + 1))
+                pot_val = Mux(k == 0, 0, Mux(sgn, -(one << (k - 1)[:len(k)]), one << (k - 1)[:len(k)]))
+                total = total + Mux(mode, pot_val, code) * d.a_vec[r]
+            s = Signal(signed(W), name=f"sum{c}")
+            m.d.comb += s.eq(total)
+            expect = _pipe(m, s[:cfg.acc_width].as_signed(), lat, f"expect{c}_")
+            with m.If(valid):
+                m.d.comb += Assert(d.psum[c] == expect)
+        return m
+
+    def ports(self):
+        d = self.dut
+        return [d.a_vec.as_value(), d.a_bank, d.a_pot, d.w_row.as_value(), d.w_row_idx, d.w_we, d.w_bank,
+                d.psum.as_value()]
 
 
 def _prove(name, proof, depth, mode="prove", script="", timeout=600):
@@ -343,6 +414,18 @@ def test_pe_equals_spec(kind, wa):
 _FAST_PE = {(2, 2), (4, 4), (8, 8), (2, 8)}
 
 
+@pytest.mark.parametrize("kind,w,a", [(k, 4, 4) for k in ("int", "pot", "hybrid")] + [("int", 8, 8), ("pot", 8, 8)]
+                         + [pytest.param("hybrid", 8, 8, marks=pytest.mark.slow_formal)])  # ~2 min each
+@pytest.mark.parametrize("terms", [1, 8])
+def test_pe_narrow_psum_equals_spec(kind, w, a, terms):
+    """The same proof for a PE built as the array builds row ``terms - 1`` of an 8-row array
+    (``hw.array.psum_width``: row 0, the narrowest, and row 7): it adds modulo its own width."""
+    cfg = AccelConfig(rows=1, cols=1, w_bits=w, a_bits=a, pe_kind=kind)
+    width = psum_width(AccelConfig(rows=8, cols=8, w_bits=w, a_bits=a, pe_kind=kind), terms)
+    assert width < cfg.acc_width
+    _prove(f"pe_{kind}_w{w}a{a}_psum{width}", PeProof(cfg, psum_width=width), depth=6, mode="bmc")
+
+
 @pytest.mark.slow_formal
 @pytest.mark.parametrize("kind", ["int", "pot", "hybrid"])
 @pytest.mark.parametrize("wa", [(w, a) for w in range(2, 9) for a in range(2, 9) if (w, a) not in _FAST_PE],
@@ -359,6 +442,40 @@ def test_wrong_spec_is_caught():
     proof = PpuProof(cfg, ties="up")
     res = formal.check("ppu_ties_up", proof, proof.ports(), mode="prove", depth=RequantLane.LATENCY + 2,
                        timeout=600)
+    assert res.status == "FAIL", res.summary()
+
+
+#: Array proof configs: (rows, cols, w_bits, a_bits); 4 rows reach a 3-term and a 4-term row.
+_ARRAY_PSUM = [(4, 2, 3, 3)]
+
+
+@pytest.mark.slow_formal
+@pytest.mark.parametrize("kind", ["int"])
+@pytest.mark.parametrize("shape", _ARRAY_PSUM, ids=lambda s: "r{}c{}w{}a{}".format(*s))
+def test_array_narrow_psums_equal_spec(kind, shape):
+    """The array with per-row partial-sum widths computes every legal vector's exact column sums
+    (int: ~5-9 min; the same proof of a PoT array gave no answer in 5 minutes, so PoT and hybrid
+    arrays rest on the PE proofs at their row widths plus
+    ``tests/test_rtl_units.py::test_array_psum_width_is_tight``'s worst-case simulation)."""
+    from hw.timing import array_latency
+
+    rows, cols, w, a = shape
+    cfg = AccelConfig(rows=rows, cols=cols, w_bits=w, a_bits=a, wmem_depth=64, pe_kind=kind)
+    proof = ArrayPsumProof(cfg)
+    _prove(f"array_psum_{kind}_r{rows}c{cols}w{w}a{a}", proof, depth=proof.load + array_latency(cfg) + 2, mode="bmc")
+
+
+def test_array_narrower_psum_rule_is_caught(monkeypatch):
+    """With a ``psum_width`` rule one bit narrower, the array proof must fail (int W3A3)."""
+    import hw.array
+    from hw.timing import array_latency
+
+    rule = hw.array.psum_width
+    monkeypatch.setattr(hw.array, "psum_width", lambda c, n: rule(c, n) - 1)
+    cfg = AccelConfig(rows=4, cols=2, w_bits=3, a_bits=3, wmem_depth=64, pe_kind="int")
+    proof = ArrayPsumProof(cfg)
+    res = formal.check("array_psum_narrower", proof, proof.ports(), mode="bmc",
+                       depth=proof.load + array_latency(cfg) + 2, timeout=600)
     assert res.status == "FAIL", res.summary()
 
 

@@ -237,6 +237,88 @@ def test_systolic_array_double_buffered(rows, cols, w_bits, a_bits, kind):
         assert got[k] == [int(v) for v in want], f"seed {seed}: vector {k}: {got[k]} != {list(want)}"
 
 
+def _array_extremes(cfg, seed):
+    """Stream vectors of extreme (and random) legal activations through a ``SystolicArray`` whose
+    bank 0 holds int weights and bank 1 PoT codes (int array: int weights in both), columns
+    all-most-negative, all-most-positive, random and alternating; returns ``(got, expected)``
+    output lists (``expected``: the exact column sums modulo ``2**acc_width``)."""
+    rng = np.random.default_rng(seed)
+    R, C, a = cfg.rows, cfg.cols, cfg.a_bits
+    dut = SystolicArray(cfg)
+    lat = SystolicArray.latency(cfg)
+
+    def tile(lo, hi, pick):
+        cols = [np.full(R, lo), np.full(R, hi), pick(R), np.where(np.arange(R) % 2, lo, hi)]
+        return np.stack([cols[c % 4] for c in range(C)], axis=1)
+
+    wlo, whi = _srange(cfg.w_bits)
+    int_tile = tile(wlo, whi, lambda n: rng.integers(wlo, whi + 1, n))
+    if cfg.pe_kind == "int":
+        banks = [(int_tile, int_tile, 0), (int_tile[::-1].copy(), int_tile[::-1].copy(), 0)]
+    else:
+        big = 1 << cfg.pot_max_exp
+        vals = tile(-big, big, lambda n: rng.choice(isa.pot_values(cfg), n))
+        pot = (isa.pot_encode(vals, cfg), vals, 1)
+        banks = [(int_tile, int_tile, 0) if cfg.pe_kind == "hybrid" else pot, pot]
+    amax, amin = (1 << a) - 1, -(1 << (a - 1))  # unsigned and signed extremes
+    vecs = [np.full(R, amax), np.full(R, amin), np.where(np.arange(R) % 2, amin, amax), np.zeros(R, int)]
+    vecs += [rng.integers(amin, amax + 1, R) for _ in range(4)]
+    stream = [(v, b) for v in vecs for b in (0, 1)]
+    expected = [[int(x) for x in wrap(v @ banks[b][1], cfg.acc_width)] for v, b in stream]
+    got = []
+
+    async def bench(ctx):
+        for b, (codes, _, _) in enumerate(banks):
+            for r in range(R):
+                ctx.set(dut.w_we, 1)
+                ctx.set(dut.w_bank, b)
+                ctx.set(dut.w_row_idx, r)
+                ctx.set(dut.w_row, [int(x) for x in codes[r]])
+                await ctx.tick()
+        ctx.set(dut.w_we, 0)
+        for i in range(len(stream) + lat):
+            if i < len(stream):
+                v, b = stream[i]
+                ctx.set(dut.a_vec, [int(x) for x in v])
+                ctx.set(dut.a_bank, b)
+                ctx.set(dut.a_pot, banks[b][2])
+            if i >= lat:
+                got.append([int(x) for x in ctx.get(dut.psum)])
+            await ctx.tick()
+
+    _run(dut, bench)
+    return got, expected
+
+
+@pytest.mark.parametrize("kind", ["int", "pot", "hybrid"])
+@pytest.mark.parametrize("rows,cols,w_bits,a_bits,acc_extra", [(4, 4, 4, 4, None), (5, 4, 2, 8, None),
+                                                               (8, 4, 8, 8, None), (4, 4, 3, 5, None),
+                                                               (8, 4, 4, 4, 1)])
+def test_array_psum_width_is_tight(rows, cols, w_bits, a_bits, acc_extra, kind, monkeypatch):
+    """Row r's partial sum is ``hw.array.psum_width(cfg, r + 1)`` bits: with every weight and
+    activation at its extremes (most negative int weight or -2**pot_max_exp times 2**a_bits - 1:
+    the bound's worst case) the array's outputs are exactly the column sums modulo
+    ``2**acc_width`` (also with ``acc_bits`` below the rule's width: ``acc_extra`` sets it to
+    ``product_bits + acc_extra``), and the same stream through a rule one bit narrower must wrap
+    somewhere, so this test fails if the rule is loosened below the bound: narrower at every
+    row, and (up to 5 rows, to keep the run short) narrower at each row alone where the rule
+    is below ``acc_width``."""
+    import hw.array
+
+    base = AccelConfig(rows=rows, cols=cols, w_bits=w_bits, a_bits=a_bits, wmem_depth=64, pe_kind=kind)
+    cfg = base if acc_extra is None else dataclasses.replace(base, acc_bits=base.product_bits + acc_extra)
+    seed = rows * 1000 + w_bits * 10 + a_bits + 10_000 * PE_KINDS.index(kind)
+    got, want = _array_extremes(cfg, seed)
+    bad = [(i, g, w) for i, (g, w) in enumerate(zip(got, want)) if g != w]
+    assert not bad, f"seed {seed}: (vector, got, want) {bad[:3]}"
+    rule = hw.array.psum_width
+    narrow_rows = [None] + [r for r in range(rows) if rows <= 5 and rule(cfg, r + 1) < cfg.acc_width]
+    for row in narrow_rows:  # None: every row
+        monkeypatch.setattr(hw.array, "psum_width", lambda c, n: rule(c, n) - (row is None or n == row + 1))
+        got, want = _array_extremes(cfg, seed)
+        assert got != want, f"a psum_width rule one bit narrower (row {row}) wraps nowhere: the test misses the bound"
+
+
 @pytest.mark.parametrize("a_bits,acc_bits,mult_bits", [(8, 32, 24), (4, 20, 16), (2, 12, 8)])
 def test_requant_lane_matches_golden(a_bits, acc_bits, mult_bits):
     seed = a_bits * 100 + acc_bits
