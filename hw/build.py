@@ -64,6 +64,7 @@ def build(cfg: AccelConfig, out: Path, rom: Path | None = None) -> dict:
         "pe_count": cfg.pe_count,
         "packed_weights": cfg.packed_weights,
         "post_overlap": cfg.post_overlap,
+        "bfp_exp_bits": cfg.bfp_exp_bits,
         "acc_width": cfg.acc_width,
         "memory_bits": cfg.memory_bits(),
         "verilog_lines": text.count("\n"),
@@ -90,7 +91,7 @@ def config_from_args(args) -> AccelConfig:
     if args.abits is not None:
         kw["a_bits"] = args.abits
     for name in ("pe_kind", "spad_depth", "acc_depth", "wmem_depth", "imem_depth", "param_depth", "acc_bits",
-                 "block_scale", "packed_weights", "post_overlap"):
+                 "block_scale", "packed_weights", "post_overlap", "bfp_exp_bits"):
         v = getattr(args, name)
         if v is not None:
             kw[name] = v
@@ -108,6 +109,9 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--acc-bits", dest="acc_bits", type=int, help="accumulator width (default: derived)")
     p.add_argument("--block-scale", dest="block_scale", action="store_true", default=None,
                    help="DSConv block rescaling in the accumulator path (for --weight-method dsconv)")
+    p.add_argument("--bfp-exp-bits", dest="bfp_exp_bits", type=int,
+                   help="block-floating-point activations: bits of the shared exponent per spad row "
+                        "(1..3, needs --block-scale; default 0 = off)")
     p.add_argument("--packed-weights", dest="packed_weights", action="store_true", default=None,
                    help="store weights narrower than w_bits packed in wmem (PRELOAD pack_bits; "
                         "mixed precision and low-bit models take fewer weight rows)")

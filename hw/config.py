@@ -49,7 +49,11 @@ def _clog2(n: int) -> int:
 
 
 #: Fields added after the first release, with the default that means "as before".
-_LATER_FIELDS = {"block_scale": False, "packed_weights": False, "post_overlap": True}
+_LATER_FIELDS = {"block_scale": False, "packed_weights": False, "post_overlap": True, "bfp_exp_bits": 0}
+
+#: Largest ``bfp_exp_bits``: a shared exponent of 0..7 (DSConv's activation blocks need a few
+#: octaves; every extra bit widens the block-rescale left shift).
+_MAX_BFP_EXP_BITS = 3
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,11 @@ class AccelConfig:
     #: while POST requantizes the previous one (``hw.timing`` for the rules). Off: MATMUL always
     #: waits for POST, one accumulator read port.
     post_overlap: bool = True
+    #: Block-floating-point activations (DSConv): width of the unsigned shared exponent stored
+    #: per spad row in the ``spad_exp`` memory (0: off, no memory). POST with ``bfp = 1`` writes
+    #: mantissas and their row's exponent; MATMUL's block rescale shifts by ``shift - exponent``
+    #: (``sim/golden.py``). Needs ``block_scale``.
+    bfp_exp_bits: int = 0
 
     def __post_init__(self):
         def check_int(name, lo, hi):
@@ -121,6 +130,10 @@ class AccelConfig:
         check_int("shift_bits", 4, 6)
         check_int("pool_mult_bits", 4, 16)
         check_int("dim_bits", 4, 12)
+        check_int("bfp_exp_bits", 0, _MAX_BFP_EXP_BITS)
+        if self.bfp_exp_bits and not self.block_scale:
+            raise ConfigError("bfp_exp_bits", f"bfp_exp_bits = {self.bfp_exp_bits} needs block_scale "
+                                              "(the block rescale absorbs the exponents)")
         lo = self.product_bits + 1
         if self.acc_bits is not None:
             check_int("acc_bits", lo, 48)
@@ -228,6 +241,11 @@ class AccelConfig:
         return self.cols * self.param_lane_bits
 
     @property
+    def bfp_emax(self) -> int:
+        """Largest block-floating-point exponent, ``2**bfp_exp_bits - 1`` (0 when BFP is off)."""
+        return (1 << self.bfp_exp_bits) - 1
+
+    @property
     def pe_count(self) -> int:
         return self.rows * self.cols
 
@@ -235,13 +253,16 @@ class AccelConfig:
         """Size of each on-chip memory in bits."""
         from . import isa  # local import: isa depends on config
 
-        return {
+        out = {
             "spad": self.spad_depth * self.spad_row_bits,
             "acc": self.acc_depth * self.acc_row_bits,
             "wmem": self.wmem_depth * self.wmem_row_bits,
             "imem": self.imem_depth * isa.instr_bits(self),
             "param": self.param_depth * self.param_row_bits,
         }
+        if self.bfp_exp_bits:
+            out["spad_exp"] = self.spad_depth * self.bfp_exp_bits
+        return out
 
     # -- serialisation --------------------------------------------------------------------------
 
@@ -296,4 +317,5 @@ class AccelConfig:
         return (f"{self.rows}x{self.cols} {self.pe_kind} W{self.w_bits}A{self.a_bits} "
                 f"acc{self.acc_width} spad{self.spad_depth} accmem{self.acc_depth} "
                 f"wmem{self.wmem_depth} imem{self.imem_depth}" + (" blockscale" if self.block_scale else "")
+                + (f" bfp{self.bfp_exp_bits}" if self.bfp_exp_bits else "")
                 + (" packed" if self.packed_weights else "") + ("" if self.post_overlap else " no-overlap"))

@@ -22,6 +22,11 @@ Machine model (see ``docs/ISA.md``, generated from this file):
   compiler keeps PoT layers unpacked (``compiler.kernels.conv2d`` refuses to pack them).
 * **acc** — accumulator memory, rows of ``cols`` signed ``acc_width`` accumulators.
 * **param** — per-channel requantization parameters, rows of ``cols`` lanes.
+* **spad_exp** — ``bfp_exp_bits > 0`` configs only: one unsigned block-floating-point exponent
+  per spad row (``spad_exp_row_layout``), beside spad. MATMUL sees lane ``l`` of spad row ``r``
+  as ``raw(l) * 2**spad_exp[r]`` (its block rescale absorbs the exponent); POST with ``bfp = 1``
+  writes mantissas and their row's exponent, every other spad writer writes exponent 0
+  (``sim/golden.py``).
 * two weight banks in the array (double buffering): ``PRELOAD`` fills one while ``MATMUL`` uses
   the other.
 """
@@ -41,7 +46,7 @@ from .config import AccelConfig
 __all__ = [
     "Opcode", "PoolMode", "IsaError", "Instr", "FIELDS", "instr_layout", "args_layout", "instr_bits",
     "wmem_row_layout", "spad_row_layout", "acc_row_layout", "param_lane_layout", "param_row_layout",
-    "HostMem", "host_row_bits", "host_depths", "host_data_bits", "host_addr_bits",
+    "spad_exp_row_layout", "check_bfp_post", "HostMem", "host_mems", "host_row_bits", "host_depths", "host_data_bits", "host_addr_bits",
     "pot_code_layout", "pot_values", "pot_encode", "pot_decode", "PotError", "POT_MODES", "check_pot_mode",
     "packed_lane_layout", "pack_factor", "pack_weights", "unpack_weights", "PackError", "check_pack_bits",
     "encode", "decode", "OPCODE_BITS", "STRIDE_BITS", "OFFSET_BITS", "KERNEL_BITS", "POOL_SHIFT_BITS",
@@ -165,6 +170,11 @@ FIELDS: dict[Opcode, tuple[Field, ...]] = {
         _f("res_en", 1, "add residual: spad[res_base + i] lane * res_mult before rounding"),
         _f("res_signed", 1, "residual activations are signed"),
         _f("res_base", lambda c: c.spad_addr_bits, "first spad row of the residual tensor"),
+        _f("bfp", lambda c: 1 if c.bfp_exp_bits else 0,
+           "bfp_exp_bits configs only (else 0 bits): 1 = block-floating-point output: requantize "
+           "without zp/clamp, shared exponent e = min(emax, max(0, bitlen(max lane magnitude) - "
+           "bitlen(hi))) of the row, lanes = clamp(round_shift(y, e), lo, hi), spad_exp[row] = e "
+           "(needs zp = 0, res_en = 0, hi >= 1); 0 = as without BFP, spad_exp[row] = 0"),
         _f("overlap", lambda c: 1 if c.post_overlap else 0,
            "post_overlap configs only (else 0 bits): 1 = may issue while earlier MATMULs still stream "
            "or drain (hw.timing.post_hazard: every acc row it reads is final before it reads it, it "
@@ -425,6 +435,27 @@ def spad_row_layout(cfg: AccelConfig) -> data.ArrayLayout:
 
 
 @functools.lru_cache(maxsize=None)
+def spad_exp_row_layout(cfg: AccelConfig) -> data.ArrayLayout:
+    """One ``spad_exp`` row: the unsigned ``bfp_exp_bits`` shared exponent of the spad row with the
+    same address (one lane; 0 bits on a config without BFP, which has no such memory)."""
+    return data.ArrayLayout(unsigned(cfg.bfp_exp_bits), 1)
+
+
+def check_bfp_post(cfg: AccelConfig, args: Mapping[str, int]) -> None:
+    """Raise :class:`IsaError` unless a POST with these arguments may set ``bfp``: a BFP POST
+    needs a ``bfp_exp_bits`` config, ``zp = 0``, ``res_en = 0`` and ``hi >= 1``."""
+    if not args.get("bfp", 0):
+        return
+    if not cfg.bfp_exp_bits:
+        raise IsaError(f"POST.bfp = 1 needs a bfp_exp_bits config (hw.build --bfp-exp-bits); "
+                       f"{cfg.describe()} has none")
+    for name, ok, need in (("zp", args["zp"] == 0, "0"), ("res_en", args["res_en"] == 0, "0"),
+                           ("hi", args["hi"] >= 1, ">= 1")):
+        if not ok:
+            raise IsaError(f"POST.{name} = {args[name]} with bfp = 1: a block-floating-point POST needs {name} {need}")
+
+
+@functools.lru_cache(maxsize=None)
 def acc_row_layout(cfg: AccelConfig) -> data.ArrayLayout:
     return data.ArrayLayout(signed(cfg.acc_width), cfg.cols)
 
@@ -492,12 +523,17 @@ class Instr:
             if not lo <= v <= hi:
                 why = ("; packed weights need a packed_weights config (hw.build --packed-weights)"
                        if name == "pack_bits" and not cfg.packed_weights else "")
+                if name == "bfp" and not cfg.bfp_exp_bits:
+                    raise IsaError(f"{self.op.name}.{name} = {v} does not fit ({lo}..{hi}) for {cfg.describe()}; "
+                                   "block-floating-point POSTs need a bfp_exp_bits config (hw.build --bfp-exp-bits)")
                 raise (PackError if why else IsaError)(
                     f"{self.op.name}.{name} = {v} does not fit ({lo}..{hi}) for {cfg.describe()}{why}")
         if self.op is Opcode.MATMUL:
             check_pot_mode(cfg, self.args["pot"])
         if self.op is Opcode.PRELOAD:
             check_pack_bits(cfg, self.args["pack_bits"])
+        if self.op is Opcode.POST:
+            check_bfp_post(cfg, self.args)
 
     def encode(self, cfg: AccelConfig) -> int:
         self.check(cfg)
@@ -573,11 +609,11 @@ def matmul(*, bank: int, spad_base: int, acc_base: int, in_h: int = 1, in_w: int
 
 def post(*, acc_base: int, spad_base: int, n: int, param_addr: int, n_lanes: int, lo: int, hi: int,
          src_lane: int = 0, dst_lane: int = 0, zp: int = 0, res_base: int | None = None,
-         res_signed: bool = False, overlap: bool = False) -> Instr:
+         res_signed: bool = False, overlap: bool = False, bfp: bool = False) -> Instr:
     return Instr(Opcode.POST, dict(
         acc_base=acc_base, spad_base=spad_base, n=n, param_addr=param_addr, src_lane=src_lane,
         dst_lane=dst_lane, n_lanes=n_lanes, zp=zp, lo=lo, hi=hi, res_en=int(res_base is not None),
-        res_signed=int(res_signed), res_base=res_base or 0, overlap=int(overlap)))
+        res_signed=int(res_signed), res_base=res_base or 0, bfp=int(bfp), overlap=int(overlap)))
 
 
 def pool(*, mode: PoolMode, src_base: int, dst_base: int, in_h: int, in_w: int, out_h: int,
@@ -599,27 +635,41 @@ class HostMem(enum.Enum, shape=3):
     SPAD = 2
     ACC = 3
     PARAM = 4
+    #: ``bfp_exp_bits`` configs only: the spad row exponents (``spad_exp_row_layout``).
+    SPAD_EXP = 5
+
+
+def host_mems(cfg: AccelConfig) -> tuple[HostMem, ...]:
+    """The host-visible memories ``cfg`` has (``SPAD_EXP`` only with ``bfp_exp_bits``)."""
+    return tuple(m for m in HostMem if m is not HostMem.SPAD_EXP or cfg.bfp_exp_bits)
 
 
 def host_row_bits(cfg: AccelConfig) -> dict[HostMem, int]:
-    """Row width of each host-visible memory."""
-    return {
+    """Row width of each host-visible memory of ``cfg`` (:func:`host_mems`)."""
+    out = {
         HostMem.IMEM: instr_bits(cfg),
         HostMem.WMEM: cfg.wmem_row_bits,
         HostMem.SPAD: cfg.spad_row_bits,
         HostMem.ACC: cfg.acc_row_bits,
         HostMem.PARAM: cfg.param_row_bits,
     }
+    if cfg.bfp_exp_bits:
+        out[HostMem.SPAD_EXP] = cfg.bfp_exp_bits
+    return out
 
 
 def host_depths(cfg: AccelConfig) -> dict[HostMem, int]:
-    return {
+    """Depth of each host-visible memory of ``cfg`` (:func:`host_mems`)."""
+    out = {
         HostMem.IMEM: cfg.imem_depth,
         HostMem.WMEM: cfg.wmem_depth,
         HostMem.SPAD: cfg.spad_depth,
         HostMem.ACC: cfg.acc_depth,
         HostMem.PARAM: cfg.param_depth,
     }
+    if cfg.bfp_exp_bits:
+        out[HostMem.SPAD_EXP] = cfg.spad_depth
+    return out
 
 
 def host_data_bits(cfg: AccelConfig) -> int:

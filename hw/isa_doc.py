@@ -153,6 +153,9 @@ def render(cfg: AccelConfig = AccelConfig()) -> str:
              f"{cfg.cols} lanes of {cfg.param_lane_bits}-bit parameter structs (below); lane *i* "
              f"occupies bits *i*×{cfg.param_lane_bits} .. *i*×{cfg.param_lane_bits} + {cfg.param_lane_bits - 1}."],
             ["imem", cfg.imem_depth, nbits, "one instruction word"],
+            *([["spad_exp", cfg.spad_depth, cfg.bfp_exp_bits,
+                "the unsigned block-floating-point exponent of the spad row at the same address"]]
+              if cfg.bfp_exp_bits else []),
         ]),
         "",
         "Param lane (one output channel's post-processing parameters):",
@@ -205,7 +208,7 @@ def render(cfg: AccelConfig = AccelConfig()) -> str:
         "## Host port",
         "",
         *_table(["`host_mem`", "Value", "Depth", "Row width (bits)"],
-                [[f"`{m.name}`", m.value, isa.host_depths(cfg)[m], isa.host_row_bits(cfg)[m]] for m in isa.HostMem]),
+                [[f"`{m.name}`", m.value, isa.host_depths(cfg)[m], isa.host_row_bits(cfg)[m]] for m in isa.host_mems(cfg)]),
         "",
         f"`host_wdata`/`host_rdata` are {isa.host_data_bits(cfg)} bits (the widest row); "
         f"`host_addr` is {isa.host_addr_bits(cfg)} bits.",

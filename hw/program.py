@@ -34,7 +34,7 @@ from . import isa
 from .config import AccelConfig, ConfigError
 
 __all__ = ["Program", "ProgramError", "FORMAT_VERSION", "pack_rows", "unpack_rows", "IMAGE_LAYOUTS",
-           "atomic_write", "atomic_dir", "write_readmemh"]
+           "image_depth", "atomic_write", "atomic_dir", "write_readmemh"]
 
 MAGIC = b"QUARRYPG"
 FORMAT_VERSION = 1
@@ -44,7 +44,19 @@ IMAGE_LAYOUTS = {
     "wmem": isa.wmem_row_layout,
     "param": isa.param_row_layout,
     "spad": isa.spad_row_layout,
+    #: ``bfp_exp_bits`` configs only (:func:`image_depth`).
+    "spad_exp": isa.spad_exp_row_layout,
 }
+
+
+def image_depth(cfg: AccelConfig, name: str) -> int:
+    """Rows of the memory image ``name`` loads into; raises :class:`ProgramError` for an image the
+    config has no memory for (``spad_exp`` without ``bfp_exp_bits``)."""
+    if name == "spad_exp":
+        if not cfg.bfp_exp_bits:
+            raise ProgramError(f"image spad_exp needs a bfp_exp_bits config; {cfg.describe()} has none")
+        return cfg.spad_depth
+    return getattr(cfg, f"{name}_depth")
 
 
 class ProgramError(ValueError):
@@ -191,7 +203,7 @@ class Program:
         for name, rows in self.images.items():
             if name not in IMAGE_LAYOUTS:
                 raise ProgramError(f"unknown memory image {name!r} (known: {', '.join(IMAGE_LAYOUTS)})")
-            depth = getattr(cfg, f"{name}_depth")
+            depth = image_depth(cfg, name)
             if len(rows) > depth:
                 raise ProgramError(f"image {name} has {len(rows)} rows, memory holds {depth}")
 

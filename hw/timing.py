@@ -17,7 +17,7 @@ from .config import AccelConfig
 from .isa import Opcode
 from .ppu import RequantLane
 
-__all__ = ["FIRST_ISSUE", "PE_STAGES", "array_latency", "preload_busy", "matmul_drain", "matmul_latency", "post_latency", "pool_latency", "CycleModel", "predict",
+__all__ = ["FIRST_ISSUE", "PE_STAGES", "array_latency", "preload_busy", "matmul_drain", "matmul_latency", "post_latency", "post_bfp_stages", "pool_latency", "CycleModel", "predict",
            "HazardError", "overlap_hazard", "post_hazard", "matmul_spad_span", "mark_overlaps"]
 
 #: Cycle in which the first instruction can issue: imem read (1) + decode register (1).
@@ -61,10 +61,21 @@ def matmul_latency(cfg: AccelConfig) -> int:
     return 4 + array_latency(cfg) + (2 if cfg.block_scale else 0)
 
 
+def post_bfp_stages(cfg: AccelConfig) -> int:
+    """Extra POST pipeline stages of a ``bfp_exp_bits`` config (every POST on it, ``bfp`` or not):
+    (1) each lane's unclamped requantized value, saturated, and its one's-complement magnitude;
+    (2) the OR of the row's magnitudes, priority-encoded into the shared exponent; (3) each lane's
+    rounding shift by the exponent and the clamp. Stage (3) reuses the requantization lane's clamp
+    stage, which stage (1) replaces on a BFP POST, so two stages are added; 0 without BFP."""
+    return 2 if cfg.bfp_exp_bits else 0
+
+
 def post_latency(cfg: AccelConfig) -> int:
     """Cycles from a POST row's acc read to its spad write: read (1), the requantization lane
-    (``hw.ppu.RequantLane.LATENCY``: bias, multiply, residual add, round+shift, clamp), write (1)."""
-    return 2 + RequantLane.LATENCY
+    (``hw.ppu.RequantLane.LATENCY``: bias, multiply, residual add, round+shift, clamp), the BFP
+    exponent stages (:func:`post_bfp_stages`), write (1). Its spad row (and, on a BFP config, its
+    exponent) is written in that last cycle."""
+    return 2 + RequantLane.LATENCY + post_bfp_stages(cfg)
 
 
 def pool_latency(cfg: AccelConfig) -> int:

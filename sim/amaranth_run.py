@@ -16,8 +16,9 @@ __all__ = ["run_amaranth"]
 _LAYOUT = {
     HostMem.WMEM: isa.wmem_row_layout, HostMem.SPAD: isa.spad_row_layout,
     HostMem.ACC: isa.acc_row_layout, HostMem.PARAM: isa.param_row_layout,
+    HostMem.SPAD_EXP: isa.spad_exp_row_layout,
 }
-_IMAGE_MEM = {"wmem": HostMem.WMEM, "param": HostMem.PARAM, "spad": HostMem.SPAD}
+_IMAGE_MEM = {"wmem": HostMem.WMEM, "param": HostMem.PARAM, "spad": HostMem.SPAD, "spad_exp": HostMem.SPAD_EXP}
 
 
 def run_amaranth(program: Program, writes=(), reads=(), max_cycles: int = 200_000):

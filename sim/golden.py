@@ -23,6 +23,36 @@ accumulated (wrapping at ``acc_width`` like every accumulation)::
 
     sum' = round_shift(sum * mult, shift)        # mult, shift: param row scale_addr
 
+Block floating point (``bfp_exp_bits > 0`` configs, DSConv's BFP activations; they have
+``block_scale``). Every spad row ``r`` has an unsigned exponent ``spad_exp[r]`` (0..``bfp_emax``,
+memory ``spad_exp`` beside spad, program image ``spad_exp``); MATMUL sees lane ``l`` of row ``r``
+as ``raw(l) * 2**spad_exp[r]``. A block is one spad row (one pixel, ``rows`` channels).
+
+* MATMUL: vector ``j`` comes from spad row ``a_j`` with exponent ``e_j = spad_exp[a_j]`` (0 for
+  a padding position). ``S_j`` are the array's column sums wrapped at ``acc_width`` as above;
+  per lane::
+
+      sum'_j = round_shift(S_j * mult, shift - e_j)      if e_j <= shift
+             = (S_j * mult) << (e_j - shift)              otherwise
+      acc    = wrap(old + wrap(sum'_j, acc_width), acc_width)
+
+* POST with ``bfp = 1`` (needs ``zp == 0``, ``res_en == 0``, ``hi >= 1``: ``hw.isa.check_bfp_post``
+  raises :class:`hw.isa.IsaError` naming the field), for each output row, over the POST's lanes
+  ``l`` (``src_lane .. src_lane + n_lanes - 1``)::
+
+      y_l    = round_shift((acc_l + bias_l) * mult_l, shift_l)      # no zero point, no clamp
+      t_l    = y_l if y_l >= 0 else ((-y_l - 1) if lo < 0 else 0)   # one's-complement magnitude
+      e      = min(emax, max(0, bitlen(max_l t_l) - bitlen(hi)))    # bitlen(0) = 0
+      mant_l = clamp(round_shift(y_l, e), lo, hi)                   # -> spad lanes dst_lane..
+      spad_exp[row] = e
+
+  (hardware: ``bitlen`` of the OR of the ``t_l``, a priority encoder; same value as the max.)
+  Lanes of the row outside the POST keep their raw value; the row's exponent is overwritten.
+* POST with ``bfp = 0``: requantization as below, and ``spad_exp[row] = 0``.
+* A residual POST reads its residual rows' raw lanes and ignores their exponents; POOL compares
+  and averages raw lanes ignoring exponents and writes exponent 0 on its output rows. (The
+  compiler only uses BFP tensors as MATMUL inputs.)
+
 Overlap (MATMUL ``overlap = 1`` on a ``post_overlap`` config): the MATMUL may run while the
 POST before it is still running. Execution here stays sequential; the cycle model
 (:class:`hw.timing.CycleModel`) raises :class:`hw.timing.HazardError` if the two would exchange
@@ -79,6 +109,12 @@ def requantize(acc, bias, mult, shift, zp, lo, hi, residual=None, res_mult=None)
     return np.clip(y, lo, hi)
 
 
+def _bitlen(x):
+    """Bit length of non-negative int64 values (``bitlen(0) = 0``), vectorised."""
+    x = np.asarray(x, np.int64)
+    return sum(((x >> np.int64(k)) != 0).astype(np.int64) for k in range(63))
+
+
 def _as_signed(raw, bits, is_signed):
     raw = np.asarray(raw, dtype=np.int64)
     if is_signed:
@@ -107,6 +143,7 @@ class Machine:
         self.acc = np.zeros((cfg.acc_depth, C), np.int64)
         self.wmem = np.zeros((cfg.wmem_depth, C), np.int64)
         self.param = {k: np.zeros((cfg.param_depth, C), np.int64) for k in ("bias", "mult", "res_mult", "shift")}
+        self.spad_exp = np.zeros(cfg.spad_depth, np.int64)  # BFP exponents (all 0 without BFP)
         self.banks = np.zeros((2, R, C), np.int64)
 
     # -- memory access ---------------------------------------------------------------------------
@@ -120,11 +157,14 @@ class Machine:
             if name == "param":
                 for k in self.param:
                     self.param[k][:len(rows)] = vals[k]
+            elif name == "spad_exp":
+                self.spad_exp[:len(rows)] = vals[:, 0]
             else:
                 getattr(self, name)[:len(rows)] = vals
 
-    def write_spad(self, addr: int, values, signed: bool = False) -> None:
-        """Write activation rows (lanes beyond the given width keep 0) starting at ``addr``."""
+    def write_spad(self, addr: int, values, signed: bool = False, exp=None) -> None:
+        """Write activation rows (lanes beyond the given width keep 0) starting at ``addr``, and
+        their BFP exponents ``exp`` (scalar or one per row, 0..``bfp_emax``; default 0)."""
         v = np.asarray(values, np.int64)
         if v.ndim == 1:
             v = v[:, None]
@@ -134,11 +174,21 @@ class Machine:
             raise GoldenError(f"activation values outside {lo}..{hi}")
         if addr < 0 or addr + len(v) > self.cfg.spad_depth or v.shape[1] > self.cfg.rows:
             raise GoldenError(f"spad write of {v.shape} at {addr} does not fit")
+        e = np.broadcast_to(np.asarray(0 if exp is None else exp), (len(v),))
+        if e.dtype.kind not in "iu":
+            raise GoldenError(f"spad exponents must be integers, not {e.dtype} values")
+        if e.size and (e.min() < 0 or e.max() > self.cfg.bfp_emax):
+            raise GoldenError(f"spad exponents outside 0..{self.cfg.bfp_emax} (bfp_exp_bits {self.cfg.bfp_exp_bits})")
+        self.spad_exp[addr:addr + len(v)] = e
         self.spad[addr:addr + len(v)] = 0
         self.spad[addr:addr + len(v), :v.shape[1]] = v & ((1 << self.cfg.a_bits) - 1)
 
     def read_spad(self, addr: int, n: int, signed: bool = False) -> np.ndarray:
         return _as_signed(self.spad[addr:addr + n], self.cfg.a_bits, signed)
+
+    def read_spad_exp(self, addr: int, n: int) -> np.ndarray:
+        """BFP exponents of spad rows ``addr .. addr + n - 1``."""
+        return self.spad_exp[addr:addr + n].copy()
 
     # -- execution -------------------------------------------------------------------------------
 
@@ -223,7 +273,13 @@ class Machine:
         if cfg.block_scale:  # DSConv block rescale, per lane, before accumulating
             self._check("param", a["scale_addr"], a["scale_addr"] + 1, cfg.param_depth)
             psum = wrap(psum, cfg.acc_width)  # the array's column sums are acc_width wide
-            psum = round_shift(psum * self.param["mult"][a["scale_addr"]], self.param["shift"][a["scale_addr"]])
+            prod = psum * self.param["mult"][a["scale_addr"]]
+            d = self.param["shift"][a["scale_addr"]][None, :] - (self.spad_exp[addr] * inside)[:, None]
+            # BFP exponent above the shift: an exact left shift (int64 wraps mod 2**64, and the
+            # result is wrapped to acc_width < 64 bits anyway).
+            psum = np.where(d >= 0, round_shift(prod, np.maximum(d, 0)),
+                            np.left_shift(prod, np.maximum(-d, 0)))
+            psum = wrap(psum, cfg.acc_width)
         rows = slice(a["acc_base"], a["acc_base"] + m)
         old = self.acc[rows] if a["accumulate"] else 0
         self.acc[rows] = wrap(old + psum, cfg.acc_width)
@@ -246,9 +302,19 @@ class Machine:
             self._check("spad", a["res_base"], a["res_base"] + n, cfg.spad_depth)
             residual = _as_signed(self.spad[a["res_base"]:a["res_base"] + n, dl:dl + nl],
                                   cfg.a_bits, a["res_signed"])
-        y = requantize(acc, p["bias"], p["mult"], p["shift"], a["zp"], a["lo"], a["hi"],
-                       residual, p["res_mult"])
-        self.spad[a["spad_base"]:a["spad_base"] + n, dl:dl + nl] = y & ((1 << cfg.a_bits) - 1)
+        rows = slice(a["spad_base"], a["spad_base"] + n)
+        if a.get("bfp", 0):
+            isa.check_bfp_post(cfg, a)
+            y = round_shift((acc + p["bias"]) * p["mult"], p["shift"])
+            t = np.where(y >= 0, y, (-y - 1) if a["lo"] < 0 else 0)
+            e = np.clip(_bitlen(t.max(axis=1)) - int(a["hi"]).bit_length(), 0, cfg.bfp_emax)
+            y = np.clip(round_shift(y, e[:, None]), a["lo"], a["hi"])
+            self.spad_exp[rows] = e
+        else:
+            y = requantize(acc, p["bias"], p["mult"], p["shift"], a["zp"], a["lo"], a["hi"],
+                           residual, p["res_mult"])
+            self.spad_exp[rows] = 0
+        self.spad[rows, dl:dl + nl] = y & ((1 << cfg.a_bits) - 1)
         return 0
 
     def _pool(self, a) -> int:
@@ -274,4 +340,5 @@ class Machine:
             lo = -(1 << (cfg.a_bits - 1)) if a["a_signed"] else 0
             y = np.clip(y, lo, lo + (1 << cfg.a_bits) - 1)
         self.spad[a["dst_base"]:a["dst_base"] + oh * ow] = y & ((1 << cfg.a_bits) - 1)
+        self.spad_exp[a["dst_base"]:a["dst_base"] + oh * ow] = 0
         return 0

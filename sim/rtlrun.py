@@ -97,6 +97,8 @@ def _expected_region(m: Machine, imem: np.ndarray, mem: HostMem, addr: int, n: i
         return imem[sl]
     if mem is HostMem.PARAM:
         return {k: v[sl].copy() for k, v in m.param.items()}
+    if mem is HostMem.SPAD_EXP:
+        return m.spad_exp[sl, None].copy()
     return {HostMem.SPAD: m.spad, HostMem.ACC: m.acc, HostMem.WMEM: m.wmem}[mem][sl].copy()
 
 
@@ -109,6 +111,8 @@ def _store(m: Machine, imem: np.ndarray, cfg: AccelConfig, mem: HostMem, addr: i
     if mem is HostMem.PARAM:
         for k, arr in m.param.items():
             arr[addr:addr + n] = vals[k]
+    elif mem is HostMem.SPAD_EXP:
+        m.spad_exp[addr:addr + n] = vals[:, 0]
     else:
         {HostMem.SPAD: m.spad, HostMem.ACC: m.acc, HostMem.WMEM: m.wmem}[mem][addr:addr + n] = vals
 

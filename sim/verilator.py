@@ -221,6 +221,7 @@ _ROW_LAYOUTS = {
     HostMem.SPAD: isa.spad_row_layout,
     HostMem.ACC: isa.acc_row_layout,
     HostMem.PARAM: isa.param_row_layout,
+    HostMem.SPAD_EXP: isa.spad_exp_row_layout,
 }
 
 
@@ -362,10 +363,12 @@ def default_timeout(cfg: AccelConfig, program: Program) -> int:
 
 def _written_rows(cfg: AccelConfig, program: Program | None) -> dict[HostMem, set[int] | None]:
     """Rows a well-behaved RTL run of ``program`` may overwrite (``None``: the whole memory)."""
-    out: dict[HostMem, set[int] | None] = {m: set() for m in HostMem}
+    out: dict[HostMem, set[int] | None] = {m: set() for m in isa.host_mems(cfg)}
     if program is None:
         return out
     depth = isa.host_depths(cfg)
+    # POST and POOL write a spad row's exponent with the row.
+    spad_mems = (HostMem.SPAD, HostMem.SPAD_EXP) if cfg.bfp_exp_bits else (HostMem.SPAD,)
 
     def mark(mem, lo, n):
         if out[mem] is None:
@@ -380,15 +383,17 @@ def _written_rows(cfg: AccelConfig, program: Program | None) -> dict[HostMem, se
         if ins.op is Opcode.MATMUL:
             mark(HostMem.ACC, a["acc_base"], a["out_h"] * a["out_w"])
         elif ins.op is Opcode.POST:
-            mark(HostMem.SPAD, a["spad_base"], a["n"])
+            for mem in spad_mems:
+                mark(mem, a["spad_base"], a["n"])
         elif ins.op is Opcode.POOL:
-            mark(HostMem.SPAD, a["dst_base"], a["out_h"] * a["out_w"])
+            for mem in spad_mems:
+                mark(mem, a["dst_base"], a["out_h"] * a["out_w"])
         elif ins.op is Opcode.HALT:
             break
     return out
 
 
-_IMAGE_MEM = {"wmem": HostMem.WMEM, "param": HostMem.PARAM, "spad": HostMem.SPAD}
+_IMAGE_MEM = {"wmem": HostMem.WMEM, "param": HostMem.PARAM, "spad": HostMem.SPAD, "spad_exp": HostMem.SPAD_EXP}
 
 
 def _runs(rows: Sequence[int]) -> list[tuple[int, int]]:
@@ -448,14 +453,16 @@ class RtlSim:
     # -- job translation ----------------------------------------------------------------------------
 
     def _check_region(self, j: int, mem: HostMem, addr: int, n: int, what: str):
-        depth = isa.host_depths(self.cfg)[mem]
+        depth = isa.host_depths(self.cfg).get(mem)
+        if depth is None:
+            raise JobError(f"job {j}: {self.cfg.describe()} has no {mem.name} memory")
         if not (isinstance(addr, (int, np.integer)) and 0 <= addr and addr + n <= depth):
             raise JobError(f"job {j}: {what} of {n} {mem.name} rows at {addr} is outside 0..{depth - 1}")
 
     def _translate(self, jobs: Sequence[Job], isolate: bool) -> list[dict]:
         cfg = self.cfg
         depth = isa.host_depths(cfg)
-        dirty: dict[HostMem, set[int]] = {m: set() for m in HostMem}  # differ from power-on
+        dirty: dict[HostMem, set[int]] = {m: set() for m in isa.host_mems(cfg)}  # differ from power-on
         out = []
         for j, job in enumerate(jobs):
             if not isinstance(job, Job):
@@ -502,10 +509,10 @@ class RtlSim:
             if isolate:
                 # Restore rows earlier jobs of this run changed and this job does not rewrite, so
                 # every job sees the power-on state, like a fresh golden Machine.
-                covered = {m: set() for m in HostMem}
+                covered = {m: set() for m in isa.host_mems(cfg)}
                 for mem, addr, rows in writes:
                     covered[mem].update(range(addr, addr + len(rows)))
-                for mem in HostMem:
+                for mem in isa.host_mems(cfg):
                     for lo, n in _runs(dirty[mem] - covered[mem]):
                         ops.append((mem.value, lo, [self.power_on_row(mem, r) for r in range(lo, lo + n)]))
                     dirty[mem] = set()
@@ -544,7 +551,7 @@ class RtlSim:
         specs = self._translate(jobs, isolate)
         # The dirty set of a timed-out job is unknown; the cocotb side restores everything then.
         full_restore = {m.value: [self.power_on_row(m, r) for r in range(isa.host_depths(self.cfg)[m])]
-                        for m in HostMem} if isolate else None
+                        for m in isa.host_mems(self.cfg)} if isolate else None
         ensure_verilator()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         run_dir = Path(tempfile.mkdtemp(prefix=".run-", dir=self.path.parent))

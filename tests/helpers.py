@@ -39,7 +39,7 @@ __all__ = [
     "tensor_rows", "zero_rows", "place", "read", "apply_writes", "read_outputs", "assemble",
     "random_conv_spec", "random_gemm_spec", "random_pool_spec",
     "random_conv_case", "random_gemm_case", "random_pool_case", "random_residual_case",
-    "random_config", "scramble", "run_case",
+    "random_config", "scramble", "run_case", "with_bfp",
 ]
 
 #: Upper bound on instructions per random case (keeps RTL simulations short).
@@ -509,6 +509,28 @@ def random_residual_case(rng, cfg) -> Case:
     return random_conv_spec(rng, cfg, residual=True).case
 
 
+def with_bfp(rng, case: Case, p_post: float = 0.5) -> Case:
+    """``case`` on a ``bfp_exp_bits`` config with block floating point: a ``spad_exp`` image of
+    random exponents (0..``bfp_emax``, a third of the rows 0) under every spad row, so every
+    MATMUL reads exponents and the block rescale shifts both ways; each non-residual POST becomes
+    a BFP POST with probability ``p_post`` (``zp = 0``, ``hi >= 1``, ``lo <= hi``). Outputs are
+    unchanged (read ``spad_exp`` beside them: POST and POOL write their rows' exponents)."""
+    cfg = case.program.config
+    if not cfg.bfp_exp_bits:
+        return case
+    exps = rng.integers(0, cfg.bfp_emax + 1, (cfg.spad_depth, 1))
+    exps[rng.random(cfg.spad_depth) < 1 / 3] = 0
+    instrs = []
+    for ins in case.program.instrs:
+        a = ins.args
+        if ins.op is Opcode.POST and not a["res_en"] and rng.random() < p_post:
+            hi = max(a["hi"], 1)
+            ins = isa.Instr(Opcode.POST, {**a, "bfp": 1, "zp": 0, "hi": hi, "lo": min(a["lo"], hi)})
+        instrs.append(ins)
+    images = {**case.program.images, "spad_exp": pack_rows(isa.spad_exp_row_layout(cfg), exps)}
+    return case._replace(program=Program(cfg, instrs, images, case.program.manifest))
+
+
 # -- configs and machines ------------------------------------------------------------------------------
 
 def random_config(rng, *, max_dim: int = 6) -> AccelConfig:
@@ -541,6 +563,8 @@ def scramble(machine, rng) -> None:
     fill(machine.param["mult"], cfg.mult_bits, False)
     fill(machine.param["res_mult"], cfg.mult_bits, False)
     fill(machine.param["shift"], cfg.shift_bits, False)
+    if cfg.bfp_exp_bits:
+        fill(machine.spad_exp, cfg.bfp_exp_bits, False)
 
 
 def run_case(case: Case, machine=None):

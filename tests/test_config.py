@@ -158,9 +158,9 @@ def test_json_round_trip(cfg):
     assert back == cfg
     assert back.to_json() == text
     # Every field, except later additions left at their default value (block_scale and
-    # packed_weights off, post_overlap on).
+    # packed_weights off, post_overlap on, bfp_exp_bits 0).
     full = dataclasses.asdict(cfg)
-    later = {"block_scale": False, "packed_weights": False, "post_overlap": True}
+    later = {"block_scale": False, "packed_weights": False, "post_overlap": True, "bfp_exp_bits": 0}
     assert json.loads(text) == {k: v for k, v in full.items() if k not in later or v != later[k]}
     assert AccelConfig.from_dict(cfg.to_dict()) == cfg
 
@@ -193,8 +193,10 @@ ALTERNATIVES = {
     "acc_depth": 512, "wmem_depth": 2048, "imem_depth": 512, "param_depth": 32, "acc_bits": 30,
     "mult_bits": 16, "shift_bits": 5, "pool_mult_bits": 8, "dim_bits": 8, "block_scale": True,
     "packed_weights": True,
-    "post_overlap": False,
+    "post_overlap": False, "bfp_exp_bits": 2,
 }
+#: Other fields an alternative needs (bfp_exp_bits needs block_scale).
+NEEDS = {"bfp_exp_bits": {"block_scale": True}}
 
 
 def test_every_single_field_change_changes_hash():
@@ -203,7 +205,7 @@ def test_every_single_field_change_changes_hash():
     assert sorted(names) == sorted(ALTERNATIVES)
     hashes = {base.hash}
     for name in names:
-        other = dataclasses.replace(base, **{name: ALTERNATIVES[name]})
+        other = dataclasses.replace(base, **NEEDS.get(name, {}), **{name: ALTERNATIVES[name]})
         assert other != base
         assert other.hash != base.hash, name
         hashes.add(other.hash)
