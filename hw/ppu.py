@@ -19,7 +19,9 @@ class RequantLane(wiring.Component):
     ``sim/golden.py``): ``(x + 2**(shift-1) - (x < 0)) >> shift`` for ``shift > 0``.
 
     ``acc``/``res`` enter every cycle; ``y`` is the result for the inputs of ``LATENCY`` cycles
-    earlier.
+    earlier. On a ``bfp_exp_bits`` config the lane also has an output ``rounded``: the stage-4
+    register ``round_shift(...)`` before zero point and clamp (``LATENCY - 1`` cycles after its
+    inputs), which the block-floating-point POST stages in ``hw.top`` take.
     ``bias``, ``mult``, ``res_mult``, ``shift``, ``zp``, ``lo``, ``hi`` must be stable while a
     stream is in flight (they are per-instruction / per-channel constants).
 
@@ -46,6 +48,7 @@ class RequantLane(wiring.Component):
             "lo": In(signed(a1)),
             "hi": In(signed(a1)),
             "y": Out(signed(a1)),
+            **({"rounded": Out(signed(self.prod_bits(cfg)))} if cfg.bfp_exp_bits else {}),
         })
 
     @staticmethod
@@ -70,6 +73,8 @@ class RequantLane(wiring.Component):
         m.submodules.round = rc = RoundClamp(cfg)
         m.d.comb += [rc.prod.eq(prod), rc.shift.eq(self.shift), rc.zp.eq(self.zp), rc.lo.eq(self.lo),
                      rc.hi.eq(self.hi), self.y.eq(rc.y)]
+        if cfg.bfp_exp_bits:
+            m.d.comb += self.rounded.eq(rc.rounded)
         return m
 
 
@@ -89,6 +94,7 @@ class RoundClamp(wiring.Component):
             "lo": In(signed(a1)),
             "hi": In(signed(a1)),
             "y": Out(signed(a1)),
+            **({"rounded": Out(signed(RequantLane.prod_bits(cfg)))} if cfg.bfp_exp_bits else {}),
         })
 
     def elaborate(self, platform):
@@ -109,4 +115,6 @@ class RoundClamp(wiring.Component):
         z = Signal(signed(prod_bits + 1))
         m.d.comb += z.eq(rounded + self.zp)
         m.d.sync += self.y.eq(Mux(z < self.lo, self.lo, Mux(z > self.hi, self.hi, z)))
+        if self._cfg.bfp_exp_bits:
+            m.d.comb += self.rounded.eq(rounded)
         return m

@@ -14,6 +14,13 @@ Engines and what they own:
 * **post engine** (POST) — acc rows through ``cols`` requantization lanes into spad lanes.
 * **pool engine** (POOL) — max/avg over 2-D windows, spad to spad.
 
+Block floating point (``bfp_exp_bits`` configs): a memory ``spad_exp`` beside spad holds one
+exponent per spad row. Its read port follows spad's read address, so each MATMUL vector's
+exponent arrives with its lanes and travels with the array control to the block rescale, which
+shifts by ``shift - exponent`` (left when negative). POST ends in two more stages: the OR of the
+row's lane magnitudes, priority-encoded into the shared exponent, then each lane's rounding shift
+and clamp; POST writes the row's exponent (0 unless ``bfp``) with its lanes, POOL writes 0.
+
 Hazards are kept simple and conservative: PRELOAD waits until the previous MATMUL on its bank
 has drained from the array; MATMUL waits for POST/POOL; POST, POOL, SYNC and HALT wait until
 every engine (and the array pipeline) is idle. On ``post_overlap`` configs a MATMUL or POST with
@@ -106,6 +113,11 @@ class QuarryTop(wiring.Component):
         m.submodules.spad = spad = Memory(shape=cfg.spad_row_bits, depth=cfg.spad_depth, init=[])
         m.submodules.acc = accm = Memory(shape=cfg.acc_row_bits, depth=cfg.acc_depth, init=[])
         m.submodules.param = param = Memory(shape=cfg.param_row_bits, depth=cfg.param_depth, init=self._param_init)
+        bfp = cfg.bfp_exp_bits > 0
+        if bfp:
+            m.submodules.spad_exp = spad_exp = Memory(shape=cfg.bfp_exp_bits, depth=cfg.spad_depth, init=[])
+            spe_w = spad_exp.write_port()
+            spe_r = spad_exp.read_port()  # follows spad_r's address (below)
 
         imem_w = imem.write_port()
         imem_r = imem.read_port()
@@ -139,14 +151,21 @@ class QuarryTop(wiring.Component):
                 m.d.comb += [wp.addr.eq(self.host_addr), wp.data.eq(self.host_wdata), wp.en.eq(1)]
         with m.If(host_ok & self.host_we & (self.host_mem == HostMem.SPAD)):
             m.d.comb += [spad_w.addr.eq(self.host_addr), spad_w.data.eq(self.host_wdata), spad_w.en.eq(-1)]
+        host_reads = [(HostMem.IMEM, imem_r), (HostMem.WMEM, wmem_r), (HostMem.SPAD, spad_r),
+                      (HostMem.ACC, acc_r), (HostMem.PARAM, param_r)]
+        if bfp:
+            with m.If(host_ok & self.host_we & (self.host_mem == HostMem.SPAD_EXP)):
+                m.d.comb += [spe_w.addr.eq(self.host_addr), spe_w.data.eq(self.host_wdata), spe_w.en.eq(1)]
         with m.Switch(hsel):
-            for mem_sel, rp in ((HostMem.IMEM, imem_r), (HostMem.WMEM, wmem_r), (HostMem.SPAD, spad_r),
-                                (HostMem.ACC, acc_r), (HostMem.PARAM, param_r)):
+            for mem_sel, rp in host_reads:
                 with m.Case(mem_sel):
                     m.d.comb += self.host_rdata.eq(rp.data)
+            if bfp:
+                with m.Case(HostMem.SPAD_EXP):
+                    m.d.comb += self.host_rdata.eq(spe_r.data)
         host_rd = host_ok & self.host_re
-        for mem_sel, rp in ((HostMem.IMEM, imem_r), (HostMem.WMEM, wmem_r), (HostMem.SPAD, spad_r),
-                            (HostMem.ACC, acc_r), (HostMem.PARAM, param_r)):
+        # A host read of SPAD_EXP puts its address on spad_r, which spe_r follows.
+        for mem_sel, rp in host_reads + ([(HostMem.SPAD_EXP, spad_r)] if bfp else []):
             with m.If(host_rd & (self.host_mem == mem_sel)):
                 m.d.comb += rp.addr.eq(self.host_addr)
 
@@ -328,7 +347,9 @@ class QuarryTop(wiring.Component):
 
         # Stage B (spad data arrives): mask + extend, register into the array edge (stage C).
         ctl_layout = data.StructLayout({"valid": 1, "acc": 1, "addr": cfg.acc_addr_bits,
-                                        "scale": cfg.param_addr_bits if cfg.block_scale else 0})
+                                        "scale": cfg.param_addr_bits if cfg.block_scale else 0,
+                                        # the vector's BFP exponent (0 for padding), from stage C on
+                                        **({"exp": cfg.bfp_exp_bits} if bfp else {})})
         ctl_a = Signal(ctl_layout)
         m.d.comb += [ctl_a.valid.eq(mm_valid), ctl_a.acc.eq(mm["acc_mode"]), ctl_a.addr.eq(mm_acc),
                      ctl_a.scale.eq(mm["scale"])]
@@ -344,6 +365,8 @@ class QuarryTop(wiring.Component):
         spad_view = data.View(isa.spad_row_layout(cfg), spad_r.data)
         ctl_c = Signal(ctl_layout)
         m.d.sync += [ctl_c.eq(ctl_b), arr.a_bank.eq(bank_b), arr.a_pot.eq(pot_b)]
+        if bfp:
+            m.d.sync += ctl_c.exp.eq(Mux(inside_b, spe_r.data, 0))
         for r in range(R):
             m.d.sync += arr.a_vec[r].eq(Mux(inside_b, _ext(spad_view[r], signed_b, A), 0))
 
@@ -375,12 +398,27 @@ class QuarryTop(wiring.Component):
             psum_d = Signal(data.ArrayLayout(signed(cfg.acc_width), C))
             for c in range(C):
                 sh = srow[c].shift
-                # A shift past prod_bits + 1 rounds like prod_bits + 1 (to 0), as in RequantLane.
-                m.d.sync += [prod_t[c].eq(psum_s[c] * srow[c].mult),
-                             shift_t[c].eq(Mux(sh > prod_bits + 1, prod_bits + 1, sh))]
+                if bfp:
+                    # Net shift ``shift - exponent``: right (rounding) when >= 0, else left by
+                    # ``exponent - shift`` (at most emax); the left shift's low acc_width bits are
+                    # the wrapped sum.
+                    d = Signal(signed(cfg.shift_bits + 1), name=f"bs_d{c}")
+                    lsh_t = Signal(range(cfg.bfp_emax + 1), name=f"bs_lsh{c}")
+                    m.d.comb += d.eq(sh - ctl_s.exp)
+                    m.d.sync += [prod_t[c].eq(psum_s[c] * srow[c].mult),
+                                 shift_t[c].eq(Mux(d < 0, 0, Mux(d > prod_bits + 1, prod_bits + 1, d))),
+                                 lsh_t.eq(Mux(d < 0, -d, 0))]
+                else:
+                    # A shift past prod_bits + 1 rounds like prod_bits + 1 (to 0), as in RequantLane.
+                    m.d.sync += [prod_t[c].eq(psum_s[c] * srow[c].mult),
+                                 shift_t[c].eq(Mux(sh > prod_bits + 1, prod_bits + 1, sh))]
                 half = Mux(shift_t[c] == 0, 0, (Const(1, unsigned(prod_bits + 2)) << shift_t[c]) >> 1)
                 neg = (prod_t[c] < 0) & (shift_t[c] != 0)
-                m.d.comb += psum_d[c].eq((prod_t[c] + half - neg) >> shift_t[c])
+                if bfp:
+                    m.d.comb += psum_d[c].eq(Mux(lsh_t != 0, prod_t[c] << lsh_t,
+                                                 (prod_t[c] + half - neg) >> shift_t[c]))
+                else:
+                    m.d.comb += psum_d[c].eq((prod_t[c] + half - neg) >> shift_t[c])
 
         # Register once more while acc is read.
         ctl_e = Signal(ctl_layout)
@@ -393,17 +431,19 @@ class QuarryTop(wiring.Component):
             ("src", cfg.lane_bits), ("dst", cfg.lane_bits), ("nl", cfg.lane_bits),
             ("zp", signed(A + 1)), ("lo", signed(A + 1)), ("hi", signed(A + 1)),
             ("res_en", 1), ("res_signed", 1), ("res_base", cfg.spad_addr_bits),
-            ("param_addr", cfg.param_addr_bits))}
+            ("param_addr", cfg.param_addr_bits), *((("bfp", 1),) if bfp else ()))}
         po_busy = Signal()  # issuing reads
         po_i = Signal(cfg.acc_addr_bits + 1)
-        po_tail = Signal(range(RequantLane.LATENCY + 3))
+        # Registers from a row's acc read to its spad write (timing.post_latency - 1).
+        po_lat = timing.post_latency(cfg) - 1
+        po_tail = Signal(range(po_lat + 2))
         with m.If(issue & (op == Opcode.POST)):
             m.d.sync += [po_busy.eq(1), po_i.eq(0)]
             for n, src in (("acc_base", a_post.acc_base), ("spad_base", a_post.spad_base), ("n", a_post.n),
                            ("src", a_post.src_lane), ("dst", a_post.dst_lane), ("nl", a_post.n_lanes),
                            ("zp", a_post.zp), ("lo", a_post.lo), ("hi", a_post.hi), ("res_en", a_post.res_en),
                            ("res_signed", a_post.res_signed), ("res_base", a_post.res_base),
-                           ("param_addr", a_post.param_addr)):
+                           ("param_addr", a_post.param_addr), *((("bfp", a_post.bfp),) if bfp else ())):
                 m.d.sync += po[n].eq(src)
         po_rd = po_busy
         with m.If(busy):
@@ -414,11 +454,11 @@ class QuarryTop(wiring.Component):
                 m.d.comb += spad_r.addr.eq(po["res_base"] + po_i)
             m.d.sync += po_i.eq(po_i + 1)
             with m.If(po_i == po["n"] - 1):
-                m.d.sync += [po_busy.eq(0), po_tail.eq(RequantLane.LATENCY + 1)]
+                m.d.sync += [po_busy.eq(0), po_tail.eq(po_lat)]
         with m.Elif(po_tail != 0):
             m.d.sync += po_tail.eq(po_tail - 1)
-        po_valid = delay(m, po_rd, 1 + RequantLane.LATENCY, "po_v")
-        po_waddr = delay(m, (po["spad_base"] + po_i)[:cfg.spad_addr_bits], 1 + RequantLane.LATENCY, "po_a")
+        po_valid = delay(m, po_rd, po_lat, "po_v")
+        po_waddr = delay(m, (po["spad_base"] + po_i)[:cfg.spad_addr_bits], po_lat, "po_a")
 
         acc_view = data.View(isa.acc_row_layout(cfg), acc_pr.data)
         prow = data.View(isa.param_row_layout(cfg), param_r.data)
@@ -438,6 +478,8 @@ class QuarryTop(wiring.Component):
                 lane.shift.eq(prow[c].shift), lane.zp.eq(po["zp"]), lane.lo.eq(po["lo"]), lane.hi.eq(po["hi"]),
             ]
             ys.append(lane.y[:A])
+        if bfp:
+            ys, po_exp = self._bfp_post(m, cfg, po, [m.submodules[f"rq{c}"] for c in range(C)])
         y_arr = Array(ys)
         po_wdata = Signal(cfg.spad_row_bits)
         po_wen = Signal(R)
@@ -571,8 +613,12 @@ class QuarryTop(wiring.Component):
         # -- spad write port: post / pool (host handled above, only while idle) -------------------------
         with m.If(busy & po_valid):
             m.d.comb += [spad_w.addr.eq(po_waddr), spad_w.data.eq(po_wdata), spad_w.en.eq(po_wen)]
+            if bfp:
+                m.d.comb += [spe_w.addr.eq(po_waddr), spe_w.data.eq(po_exp), spe_w.en.eq(1)]
         with m.Elif(busy & pl_v4):
             m.d.comb += [spad_w.addr.eq(pl_o), spad_w.data.eq(pl_row4), spad_w.en.eq(-1)]
+            if bfp:
+                m.d.comb += [spe_w.addr.eq(pl_o), spe_w.data.eq(0), spe_w.en.eq(1)]
 
         # -- accumulator read-modify-write -----------------------------------------------------------------
         with m.If(busy & ctl_d.valid):
@@ -587,6 +633,8 @@ class QuarryTop(wiring.Component):
         if cfg.block_scale:
             with m.If(busy & bs_read.valid):
                 m.d.comb += param_bs.addr.eq(bs_read.scale)
+        if bfp:
+            m.d.comb += spe_r.addr.eq(spad_r.addr)  # exponents are read beside their rows
 
         # -- observation hook for formal checks (drives nothing) -------------------------------------------
         # Per memory, a list of (used, address) per read port: ``used`` is 1 in the cycle an engine
@@ -605,5 +653,73 @@ class QuarryTop(wiring.Component):
             "param": ([(po_rd, param_r.addr), (bs_rd, param_bs.addr)] if param_bs is not param_r
                       else [(po_rd | bs_rd, param_r.addr)]),
         }
+        if bfp:  # only MATMUL uses the exponents it reads
+            self.used_reads["spad_exp"] = [(mm_busy & mm_inside, spe_r.addr)]
 
         return m
+
+    @staticmethod
+    def _bfp_post(m: Module, cfg: AccelConfig, po: dict, lanes: list) -> tuple[list, Signal]:
+        """The block-floating-point POST stages after the requantization lanes' rounding
+        (``timing.post_bfp_stages``); each lane's ``rounded`` enters in the lanes' clamp stage.
+
+        5: ``y`` = ``rounded`` saturated to ``a_bits + 2 + emax`` bits (a saturated lane takes
+           exponent emax and clamps, exactly as unsaturated), its one's-complement magnitude
+           ``t`` (0 for a negative ``y`` when ``lo >= 0``, and for lanes outside the POST's);
+        6: ``e = min(emax, max(0, bitlen(OR of the t) - bitlen(hi)))`` (priority encoders);
+        7: ``clamp(round_shift(y, e), lo, hi)`` on a ``bfp`` POST, else the lane's ``y`` two
+           stages later; the exponent written is ``e`` on a ``bfp`` POST, else 0.
+
+        Returns (per acc lane the ``a_bits`` result, the row's exponent), both registers."""
+        A, C, emax = cfg.a_bits, cfg.cols, cfg.bfp_emax
+        W = A + 2 + emax
+        top, bot = (1 << (W - 1)) - 1, -(1 << (W - 1))
+
+        def bitlen(v, n, name):
+            out = Signal(range(n + 1), name=name)
+            for i in range(n):  # the highest set bit wins (the last assignment)
+                with m.If(v[i]):
+                    m.d.comb += out.eq(i + 1)
+            return out
+
+        y5, t5, y6p = [], [], []
+        for c, lane in enumerate(lanes):
+            r = lane.rounded
+            y = Signal(signed(W), name=f"bfp_y5_{c}")
+            t = Signal(unsigned(W - 1), name=f"bfp_t5_{c}")
+            sat = Signal(signed(W), name=f"bfp_sat{c}")
+            m.d.comb += sat.eq(Mux(r > top, top, Mux(r < bot, bot, r)))
+            active = (c >= po["src"]) & (c < po["src"] + po["nl"])
+            mag = Mux(sat >= 0, sat, Mux(po["lo"] < 0, ~sat, 0))
+            m.d.sync += [y.eq(sat), t.eq(Mux(active, mag, 0))]
+            yp = Signal(signed(A + 1), name=f"bfp_yp6_{c}")
+            m.d.sync += yp.eq(lane.y)
+            y5.append(y)
+            t5.append(t)
+            y6p.append(yp)
+        orv = Signal(unsigned(W - 1), name="bfp_or")
+        acc_or = Const(0, unsigned(W - 1))
+        for t in t5:
+            acc_or = acc_or | t
+        m.d.comb += orv.eq(acc_or)
+        bl_hi = bitlen(po["hi"].as_unsigned(), A, "bfp_bl_hi")  # hi >= 1 on a bfp POST: sign bit 0
+        bl = bitlen(orv, W - 1, "bfp_bl")
+        diff = Signal(signed(W.bit_length() + 2), name="bfp_diff")
+        m.d.comb += diff.eq(bl - bl_hi)
+        e6 = Signal(range(emax + 1), name="bfp_e6")
+        m.d.sync += e6.eq(Mux(diff < 0, 0, Mux(diff > emax, emax, diff)))
+        y6 = [Signal(signed(W), name=f"bfp_y6_{c}") for c in range(C)]
+        m.d.sync += [a.eq(b) for a, b in zip(y6, y5)]
+        outs = []
+        for c in range(C):
+            half = Mux(e6 == 0, 0, (Const(1, unsigned(emax + 1)) << e6) >> 1)
+            neg = (y6[c] < 0) & (e6 != 0)
+            rnd = Signal(signed(W), name=f"bfp_rnd{c}")
+            m.d.comb += rnd.eq((y6[c] + half - neg) >> e6)
+            mant = Mux(rnd < po["lo"], po["lo"], Mux(rnd > po["hi"], po["hi"], rnd))
+            o = Signal(signed(A + 1), name=f"bfp_out{c}")
+            m.d.sync += o.eq(Mux(po["bfp"], mant, y6p[c]))
+            outs.append(o[:A])
+        exp7 = Signal(cfg.bfp_exp_bits, name="bfp_exp7")
+        m.d.sync += exp7.eq(Mux(po["bfp"], e6, 0))
+        return outs, exp7
