@@ -24,7 +24,9 @@ Design
   depths) with the PE kind cycling int, pot, hybrid over consecutive configs; every fourth gets a
   narrow accumulator (``acc_bits = product_bits + 1..3``) so the random reductions overflow and
   the two's-complement wrap of accumulators (see :func:`sim.golden.wrap`) is compared too; two in
-  five have DSConv block rescaling (``block_scale``), with random block scales per MATMUL.
+  five have DSConv block rescaling (``block_scale``), with random block scales per MATMUL, and a
+  quarter of those block-floating-point activations (``bfp_exp_bits`` 1..3: random spad
+  exponents, BFP POSTs, ``spad_exp`` read back beside the outputs; :func:`tests.helpers.with_bfp`).
 * Builds dominate short runs (~25-80 s per config at -O0, against ~0.15 s per program), hence
   1,000 programs per config by default: ``N=10000`` is 10 configs.
 * The run's record (count, configs, PE kinds, mismatches, seconds, git revision, tool versions) is
@@ -68,6 +70,8 @@ SHRINK_FIELDS = {Opcode.MATMUL: ("out_h", "out_w"), Opcode.POOL: ("out_h", "out_
                  Opcode.POST: ("n", "n_lanes"), Opcode.PRELOAD: ("n_rows",)}
 #: Config seeds ``cfg_seed % 5`` in this set get ``block_scale=True`` (2 of every 5 configs).
 BLOCK_SCALE_RESIDUES = (1, 4)
+#: Block-scale configs with ``cfg_seed % 4`` equal to this get block-floating-point activations.
+BFP_RESIDUE = 2
 #: Failing programs minimized per run (each takes tens of simulator runs).
 MAX_MINIMIZE = 3
 
@@ -86,7 +90,9 @@ def fuzz_config(cfg_seed: int) -> AccelConfig:
     seeds in five (``cfg_seed % 5`` in :data:`BLOCK_SCALE_RESIDUES`) DSConv block rescaling
     (``block_scale=True``, ``param_depth >= 64``), whose random cases carry random block scales;
     every fourth seed (``cfg_seed % 4 == 1``) packed weights (``packed_weights=True``: the random
-    INT cases pick random ``pack_bits``), and every seventh (``cfg_seed % 7 == 6``) a config
+    INT cases pick random ``pack_bits``), block-scale seeds with ``cfg_seed % 4 ==``
+    :data:`BFP_RESIDUE` block-floating-point activations (``bfp_exp_bits = 1 + cfg_seed // 4 % 3``),
+    and every seventh (``cfg_seed % 7 == 6``) a config
     without MATMUL/POST overlap (``post_overlap=False``; the others overlap wherever
     :func:`hw.timing.mark_overlaps` allows)."""
     rng = np.random.default_rng(cfg_seed)
@@ -97,6 +103,8 @@ def fuzz_config(cfg_seed: int) -> AccelConfig:
         # DSConv block rescaling: the random cases add random block scales (tests.helpers.
         # random_block_scale); they take param rows per block, kernel tap and channel, hence 64.
         cfg = dataclasses.replace(cfg, block_scale=True, param_depth=max(cfg.param_depth, 64))
+        if cfg_seed % 4 == BFP_RESIDUE:
+            cfg = dataclasses.replace(cfg, bfp_exp_bits=1 + cfg_seed // 4 % 3)
     if cfg_seed % 4 == 1:
         cfg = dataclasses.replace(cfg, packed_weights=True)
     if cfg_seed % 7 == 6:
@@ -135,7 +143,7 @@ def make_case(cfg: AccelConfig, cfg_seed: int, j: int) -> tuple[str, helpers.Cas
     """Case ``j`` of config ``cfg_seed``: (kind, case)."""
     kind = KINDS[j % len(KINDS)]
     rng = np.random.default_rng([cfg_seed, j])
-    case = getattr(helpers, f"random_{kind}_case")(rng, cfg)
+    case = helpers.with_bfp(rng, getattr(helpers, f"random_{kind}_case")(rng, cfg))  # as is without BFP
     _cache_words(case.program)
     return kind, case
 
@@ -146,6 +154,8 @@ def case_job(case: helpers.Case):
     cfg = case.program.config
     writes = [(HostMem.SPAD, addr, rows) for addr, rows in case.spad_writes]
     reads = [(HostMem.SPAD, addr, n) for addr, n in case.outputs]
+    if cfg.bfp_exp_bits:
+        reads += [(HostMem.SPAD_EXP, addr, n) for addr, n in case.outputs]
     reads.append((HostMem.ACC, 0, cfg.acc_depth))
     return Job(case.program, writes, reads)
 
@@ -333,7 +343,8 @@ def run(n: int, seed: int = 1, *, per_config: int = 1000, batch: int = 50, state
         if len(st["configs"]) <= k:
             st["configs"].append({"index": k, "seed": cs, "describe": cfg.describe(), "pe_kind": cfg.pe_kind,
                                   "narrow_acc": cfg.acc_bits is not None,
-                                  "block_scale": cfg.block_scale, "config": cfg.to_dict(),
+                                  "block_scale": cfg.block_scale, "bfp_exp_bits": cfg.bfp_exp_bits,
+                                  "config": cfg.to_dict(),
                                   "programs": 0, "skipped": 0, "kinds": {}, "rtl_cycles": 0,
                                   "mismatching": 0, "seconds": 0.0})
         rec = st["configs"][k]
@@ -400,6 +411,7 @@ def summarize(st: dict, requested_n: int) -> dict:
                                 for k in sorted({c["pe_kind"] for c in cfgs})},
         "narrow_acc_configs": sum(1 for c in cfgs if c["narrow_acc"]),
         "block_scale_configs": sum(1 for c in cfgs if c.get("block_scale")),
+        "bfp_configs": sum(1 for c in cfgs if c.get("bfp_exp_bits")),
         "program_kinds": dict(kinds), "rtl_cycles": sum(c["rtl_cycles"] for c in cfgs),
         "mismatching_programs": len(st["mismatches"]), "seconds": round(st["seconds"], 1),
         "seed": st["seed"], "per_config": st["per_config"], "revisions": revs,
@@ -426,7 +438,8 @@ def write_record(st: dict, requested_n: int, stem: Path) -> None:
         f"- mismatching programs: **{s['mismatching_programs']}**",
         f"- configs: {s['configs']} ({', '.join(f'{v} {k}' for k, v in sorted(s['pe_kinds'].items()))}; "
         f"{s['narrow_acc_configs']} with a narrow accumulator that wraps, "
-        f"{s['block_scale_configs']} with DSConv block rescaling)",
+        f"{s['block_scale_configs']} with DSConv block rescaling, {s['bfp_configs']} of them with "
+        "block-floating-point activations)",
         f"- programs per PE kind: {', '.join(f'{k} {v}' for k, v in s['programs_by_pe_kind'].items())}",
         f"- program kinds: {', '.join(f'{k} {v}' for k, v in sorted(s['program_kinds'].items()))}",
         f"- RTL cycles simulated: {s['rtl_cycles']:,}",

@@ -52,6 +52,12 @@ as ``raw(l) * 2**spad_exp[r]``. A block is one spad row (one pixel, ``rows`` cha
 * A residual POST reads its residual rows' raw lanes and ignores their exponents; POOL compares
   and averages raw lanes ignoring exponents and writes exponent 0 on its output rows. (The
   compiler only uses BFP tensors as MATMUL inputs.)
+* A host write to spad (``HostMem.SPAD``) leaves the rows' exponents alone (they are another
+  memory, ``HostMem.SPAD_EXP``); :meth:`Machine.write_spad` sets both (``exp`` defaults to 0).
+* Timing: on a BFP config every POST (``bfp`` or not) takes :func:`hw.timing.post_bfp_stages`
+  more cycles (magnitude/saturate, OR + priority encode, then the shift and clamp); the RTL
+  saturates ``y_l`` to ``a_bits + 2 + emax`` bits first, which changes neither ``e`` nor a
+  mantissa (a saturated lane takes ``e = emax`` and clamps either way).
 
 Overlap (MATMUL ``overlap = 1`` on a ``post_overlap`` config): the MATMUL may run while the
 POST before it is still running. Execution here stays sequential; the cycle model

@@ -79,6 +79,13 @@ def test_build_cli(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "bfp_exp_bits = 2 needs block_scale" in err and "\n" not in err
     assert not (tmp_path / "x").exists()
+    out = tmp_path / "ok"
+    assert build.main(["--pe", "2x2", "--bits", "4", "--block-scale", "--bfp-exp-bits", "3", "--spad-depth", "32",
+                       "--acc-depth", "16", "--wmem-depth", "32", "--imem-depth", "32", "--out", str(out)]) == 0
+    info = json.loads((out / "build.json").read_text())
+    assert info["bfp_exp_bits"] == 3 and info["memory_bits"]["spad_exp"] == 32 * 3
+    assert info["config"]["bfp_exp_bits"] == 3
+    assert "spad_exp" in (out / "quarry_top.v").read_text()
 
 
 def test_post_field_and_checks():

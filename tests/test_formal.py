@@ -503,7 +503,8 @@ def _top(cfg: AccelConfig):
     top = QuarryTop(cfg)
     mod = top.elaborate(None)
     top._MustUse__silence = True  # used through its Module
-    return top, mod, {n: getattr(mod.submodules, n) for n in _MEMS}
+    names = _MEMS + (("spad_exp",) if cfg.bfp_exp_bits else ())  # BFP configs' exponent memory
+    return top, mod, {n: getattr(mod.submodules, n) for n in names}
 
 
 def well_formed(m: Module, cfg: AccelConfig, word) -> Signal:
@@ -569,13 +570,12 @@ class AddressSafety(Elaboratable):
         self.top, self.mod, self.mems = _top(cfg)
 
     def elaborate(self, platform):
-        from hw.isa import HostMem
+        from hw import isa
 
         m = Module()
         cfg, t = self.cfg, self.top
         m.submodules.top = self.mod
-        depth = {HostMem.IMEM: cfg.imem_depth, HostMem.WMEM: cfg.wmem_depth, HostMem.SPAD: cfg.spad_depth,
-                 HostMem.ACC: cfg.acc_depth, HostMem.PARAM: cfg.param_depth}
+        depth = isa.host_depths(cfg)  # every memory the host port reaches (SPAD_EXP on BFP configs)
         hm = t.host_mem.as_value()
         in_range = Const(0)
         for mem, d in depth.items():
@@ -627,13 +627,15 @@ class HostIsolation(Elaboratable):
                       "we": Signal(name=f"{c}_host_we"), "re": Signal(name=f"{c}_host_re")} for c in "ab"]
 
     def elaborate(self, platform):
+        from hw import isa
+
         m = Module()
         m.submodules.a = self.mod_a
         m.submodules.b = self.mod_b
         for t, h in zip((self.a, self.b), self.host):
             m.d.comb += [t.start.eq(self.start), t.host_mem.eq(h["mem"]), t.host_addr.eq(h["addr"]),
                          t.host_wdata.eq(h["wdata"]), t.host_we.eq(h["we"]), t.host_re.eq(h["re"])]
-            m.d.comb += Assume(h["mem"] < 5)
+            m.d.comb += Assume(h["mem"] <= max(mem.value for mem in isa.host_mems(self.cfg)))
         ha, hb = self.host
         same = Const(1)
         for k in ha:
@@ -642,7 +644,7 @@ class HostIsolation(Elaboratable):
             m.d.comb += Assume(self.a.busy | same)
         m.d.comb += [Assert(self.a.busy == self.b.busy), Assert(self.a.done == self.b.done),
                      Assert(self.a.cycles == self.b.cycles)]
-        for name in _MEMS:
+        for name in self.mems_a:
             for pa, pb in zip(self.mems_a[name].write_ports, self.mems_b[name].write_ports):
                 m.d.comb += Assert(pa.en == pb.en)
                 with m.If(pa.en.any()):

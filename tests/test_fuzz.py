@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from hw.isa import Opcode
+from hw.isa import HostMem, Opcode
 from sim import fuzz
 
 
@@ -45,6 +45,24 @@ def test_fuzz_configs_include_block_scale_with_scaled_matmuls():
         _, case = fuzz.make_case(cfg, cs, j)
         scaled += any(i.op is Opcode.MATMUL and i.args["scale_addr"] for i in case.program.instrs)
     assert scaled >= 2
+
+
+def test_fuzz_configs_include_bfp_with_bfp_posts():
+    """A fraction of the block-scale configs have BFP activations; their cases carry a spad_exp
+    image and BFP POSTs, and their jobs read the output rows' exponents back."""
+    cfgs = [(cs, fuzz.fuzz_config(cs)) for cs in (fuzz.config_seed(1, k) for k in range(20))]
+    bfp = [(cs, c) for cs, c in cfgs if c.bfp_exp_bits]
+    n_bs = sum(1 for _, c in cfgs if c.block_scale)
+    assert 1 <= len(bfp) < n_bs and all(c.block_scale for _, c in bfp)
+    cs, cfg = bfp[0]
+    posts = 0
+    for j in range(8):
+        _, case = fuzz.make_case(cfg, cs, j)
+        assert "spad_exp" in case.program.images
+        posts += sum(1 for i in case.program.instrs if i.op is Opcode.POST and i.args["bfp"])
+        reads = fuzz.case_job(case).reads
+        assert [r for r in reads if r[0] is HostMem.SPAD_EXP] == [(HostMem.SPAD_EXP, a, n) for a, n in case.outputs]
+    assert posts >= 2
 
 
 def test_resume_after_kill_and_extend(tmp_path):

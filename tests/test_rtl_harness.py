@@ -54,7 +54,7 @@ def test_host_round_trip_every_memory(rtl):
     rng = random.Random(SEED)
     depth = isa.host_depths(CFG)
     writes, reads, expect = [], [], []
-    for mem in HostMem:
+    for mem in isa.host_mems(CFG):
         last = depth[mem] - 1
         n = min(ROWS_PER_MEM, depth[mem] - 4)
         rows = _random_rows(rng, mem, n)
