@@ -571,6 +571,7 @@ class AddressSafety(Elaboratable):
 
     def elaborate(self, platform):
         from hw import isa
+        from hw.isa import HostMem
 
         m = Module()
         cfg, t = self.cfg, self.top
