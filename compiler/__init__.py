@@ -86,4 +86,4 @@ def _is_pt2e_quantized(model) -> bool:
 
 #: Keywords of :func:`compile` that go to ``QuantOptions`` (power-of-two weights).
 POT_OPTIONS = frozenset({"pot_bits", "pot_granularity", "pot_scale", "pot_rounding", "pot_budget", "pot_layers",
-                         "dsconv_block"})
+                         "dsconv_block", "bfp"})

@@ -100,6 +100,8 @@ def pot_options(args) -> dict:
         kw["pot_layers"] = tuple(n.strip() for n in args.pot_layers.split(",") if n.strip())
     if args.dsconv_block is not None:
         kw["dsconv_block"] = args.dsconv_block
+    if args.bfp:
+        kw["bfp"] = True
     return kw
 
 
@@ -152,7 +154,8 @@ def compile_low_bit(model, calib, cfg, args, low: dict):
         raise CompileError("the model is already quantized by PyTorch (FX): --qat/--budget-bits/--layer-bits do not apply")
     calib = check_calibration(calib)
     graph = capture(model, tuple(calib.shape[1:]))
-    opts = QuantOptions(method=args.method, weight_method=args.weight_method, bias_correction=args.bias_correction)
+    opts = QuantOptions(method=args.method, weight_method=args.weight_method, bias_correction=args.bias_correction,
+                        bfp=args.bfp)
     train, kw = None, {}
     if "qat" in low:
         from .pot import retrain_recipe
@@ -208,6 +211,8 @@ def main(argv=None) -> int:
     p.add_argument("--pot-budget", help="doubleqext weight memory: fraction of 8-bit (0.77) or bytes (4000B)")
     p.add_argument("--dsconv-block", type=int, help="dsconv: input channels per weight block, a multiple of "
                    "the array rows (default: the rows); needs --block-scale")
+    p.add_argument("--bfp", action="store_true", help="block-floating-point activations (DSConv's): an exponent "
+                   "per pixel and channel block; needs --block-scale --bfp-exp-bits N")
     p.add_argument("--pot-layers", help="comma-separated layers to make PoT (instead of all / the selection)")
     p.add_argument("--inq-retrain", type=int, metavar="EPOCHS",
                    help="inq: INQ incremental re-training, EPOCHS per step (minutes on the CPU; needs --data)")
@@ -236,7 +241,7 @@ def main(argv=None) -> int:
                      **pot_kw)
         if "dsconv_block" in pot_kw and args.weight_method != "dsconv":
             raise CompileError(f"--dsconv-block applies to --weight-method dsconv, not {args.weight_method}")
-        if set(pot_kw) - {"dsconv_block"} and args.weight_method not in POT_METHODS:
+        if set(pot_kw) - {"dsconv_block", "bfp"} and args.weight_method not in POT_METHODS:
             raise CompileError(f"--{next(iter(pot_kw)).replace('_', '-')} applies to --weight-method "
                                f"{'/'.join(POT_METHODS)}, not {args.weight_method}")
         if args.inq_retrain is not None:

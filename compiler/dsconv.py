@@ -24,8 +24,15 @@ layer's worst-case sum leaves room for in ``acc_width``. The accumulator then ho
 output in units of ``s_ref / 2**G``: that is the channel's weight scale for bias and
 requantization, which stay as for any integer layer.
 
-Activations stay per-tensor uniform (the paper's block-floating-point activations, a shared
-exponent per block of channels at each pixel, are not implemented).
+Block-floating-point activations (``QuantOptions.bfp`` on a ``bfp_exp_bits`` config): the
+paper's activations share an exponent per block of channels at each pixel. On Quarry the block is
+one spad row (``rows`` channels of one pixel, at most the weight block), and the exponent
+travels with the row: the POST that writes a row picks the smallest exponent ``e <= bfp_emax``
+whose mantissas fit ``lo..hi`` (:func:`bfp_round`, the golden model's rule), and the block
+rescale of every MATMUL vector read from that row shifts by ``shift - e``. A tensor's ``scale``
+is the mantissa unit at exponent 0, so its values are ``mantissa << e`` in that unit, up to
+``hi << bfp_emax``; blocks of small activations keep ``bfp_emax`` more bits of resolution than a
+per-tensor uniform code. The model input stays uniform (the host quantizes it).
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import numpy as np
 
 from .kernels import dense_weights
 
-__all__ = ["block_quantize", "fixed_point_scales", "effective_weights", "MAX_FRACTION_BITS",
+__all__ = ["block_quantize", "fixed_point_scales", "effective_weights", "bfp_round", "MAX_FRACTION_BITS",
            "DSConvError"]
 
 #: Most fraction bits kept in the accumulator below the channel's largest block scale.
@@ -134,3 +141,29 @@ def effective_weights(q: np.ndarray, mult: np.ndarray, shift: np.ndarray, rows: 
             gain = mult[sl, cb] / np.power(2.0, shift[sl, cb])  # (per, kh, kw)
             out[sl, i] = np.sign(q[sl, i]) * np.ceil(np.abs(q[sl, i]) * gain)
     return out
+
+
+def bfp_round(y: np.ndarray, lo: int, hi: int, emax: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Block-floating-point codes of integer values ``y`` (N, C, H, W), as a BFP POST writes them.
+
+    Per pixel and block of ``rows`` channels (a spad row)::
+
+        t = y if y >= 0 else (-y - 1 if lo < 0 else 0)     # what must fit; ReLU clamps negatives
+        e = min(emax, max(0, bitlen(max t) - bitlen(hi)))
+        mantissa = clamp(round_shift(y, e), lo, hi)
+
+    Returns ``(mantissas (N, C, H, W), exponents (N, ceil(C / rows), H, W))``.
+    """
+    y = np.asarray(y, np.int64)
+    n, c, h, w = y.shape
+    nb = -(-c // rows)
+    t = np.where(y >= 0, y, (-y - 1) if lo < 0 else 0)
+    tp = np.zeros((n, nb * rows, h, w), np.int64)
+    tp[:, :c] = t
+    tmax = tp.reshape(n, nb, rows, h, w).max(axis=2)
+    bitlen = sum(((tmax >> k) > 0).astype(np.int64) for k in range(63))  # exact, any int64
+    e = np.clip(bitlen - int(hi).bit_length(), 0, emax)
+    ec = np.repeat(e, rows, axis=1)[:, :c]
+    half = np.where(ec > 0, np.left_shift(np.int64(1), np.maximum(ec - 1, 0)), 0)
+    mant = np.right_shift(y + half - ((y < 0) & (ec > 0)), ec)
+    return np.clip(mant, lo, hi), e

@@ -90,6 +90,8 @@ class Requant:
     lo: int
     hi: int
     res_mult: np.ndarray | None = None
+    #: Block-floating-point output (POST ``bfp``, ``bfp_exp_bits`` configs): ``zp`` 0, no residual.
+    bfp: bool = False
 
 
 @dataclass
@@ -215,6 +217,14 @@ def conv2d(cfg: AccelConfig, x: SpadTensor, y: SpadTensor, w: np.ndarray, rq: Re
         if pot:
             raise KernelError(f"packed weights (pack_bits {pack_bits}) hold INT weights only: a PoT code is "
                               "sign and magnitude, so a sign-extended narrow code is not the w_bits code")
+    if rq.bfp and not acc_out:
+        why = ("the accelerator has no bfp_exp_bits" if not cfg.bfp_exp_bits else
+               f"zero point {rq.zp} (must be 0)" if rq.zp else
+               "a residual add" if residual is not None else
+               f"cols {C} not a multiple of rows {R} (a spad row would be written by several POSTs)"
+               if C % R else None)
+        if why:
+            raise KernelError(f"block-floating-point output impossible: {why}")
     k = Kernel(params=_param_rows(cfg, rq, cout))
     n_cb = x.blocks(cfg)
     if block_scale is not None and not cfg.block_scale:
@@ -301,7 +311,8 @@ def conv2d(cfg: AccelConfig, x: SpadTensor, y: SpadTensor, w: np.ndarray, rq: Re
                     param_addr=param_base + j, src_lane=src, dst_lane=dst, n_lanes=n,
                     zp=rq.zp, lo=rq.lo, hi=rq.hi,
                     res_base=None if residual is None else residual.block_base(cfg, b) + r0 * ow,
-                    res_signed=bool(residual is not None and residual.signed)))
+                    res_signed=bool(residual is not None and residual.signed),
+                    bfp=rq.bfp))
     k.instrs.extend(posts)
     k.wmem = np.concatenate(wrows) if wrows else np.zeros((0, C), np.int64)
     if scale_rows:

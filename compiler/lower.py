@@ -64,21 +64,24 @@ class AccumulatorOverflowError(LowerError):
         self.layer, self.channel, self.bound, self.terms, self.acc_width = layer, channel, bound, terms, cfg.acc_width
 
 
-def accumulator_bound(cfg, w_q, x_signed: bool) -> tuple[np.ndarray, np.ndarray]:
+def accumulator_bound(cfg, w_q, x_signed: bool, x_exp: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Per output channel, the smallest and largest sum ``sum_k w[k] * x[k]`` a MATMUL chain can
     leave in an accumulator for any input (``x`` over the full ``a_bits`` range of its signedness,
     zero padding included since 0 is in range): positive weights times the largest activation plus
     negative weights times the smallest, and the other way round. The bias is not part of it: POST
-    adds it at ``acc_width + 1`` bits, after the accumulator (see ``hw/ppu.py``).
+    adds it at ``acc_width + 1`` bits, after the accumulator (see ``hw/ppu.py``). A
+    block-floating-point input's values reach ``2**x_exp`` times its code range (``x_exp`` the
+    config's ``bfp_emax``).
     """
     w = np.asarray(w_q, np.int64).reshape(len(w_q), -1)
     lo, hi = (-(1 << (cfg.a_bits - 1)), (1 << (cfg.a_bits - 1)) - 1) if x_signed else (0, (1 << cfg.a_bits) - 1)
+    lo, hi = lo << x_exp, hi << x_exp
     pos = np.where(w > 0, w, 0).sum(axis=1)
     neg = np.where(w < 0, -w, 0).sum(axis=1)
     return -(pos * -lo + neg * hi), pos * hi + neg * -lo
 
 
-def _check_accumulator(cfg, name: str, w_q, x_signed: bool) -> dict:
+def _check_accumulator(cfg, name: str, w_q, x_signed: bool, x_exp: int = 0) -> dict:
     """Refuse a layer whose accumulators could wrap (:class:`AccumulatorOverflowError`); else
     return the manifest's ``accumulator`` entry (terms, worst-case sums, bits needed).
 
@@ -88,7 +91,7 @@ def _check_accumulator(cfg, name: str, w_q, x_signed: bool) -> dict:
     reads every weight row once and has at most ``wmem_depth`` terms; a narrower ``acc_bits``
     override is checked here against the layer's real integer weights.
     """
-    smin, smax = accumulator_bound(cfg, w_q, x_signed)
+    smin, smax = accumulator_bound(cfg, w_q, x_signed, x_exp)
     terms = int(np.prod(np.shape(w_q)[1:]))
     amin, amax = -(1 << (cfg.acc_width - 1)), (1 << (cfg.acc_width - 1)) - 1
     bad = np.nonzero((smin < amin) | (smax > amax))[0]
@@ -96,7 +99,7 @@ def _check_accumulator(cfg, name: str, w_q, x_signed: bool) -> dict:
     need = max((-lo - 1).bit_length(), hi.bit_length()) + 1  # signed bits holding lo..hi
     if len(bad):
         c = int(bad[0])
-        a_max = (1 << (cfg.a_bits - 1)) if x_signed else (1 << cfg.a_bits) - 1
+        a_max = ((1 << (cfg.a_bits - 1)) if x_signed else (1 << cfg.a_bits) - 1) << x_exp
         sum_w = int(np.abs(np.asarray(w_q, np.int64).reshape(len(w_q), -1)[c]).sum())
         depth_bits = max(1, (cfg.wmem_depth - 1).bit_length())  # clog2, as hw.config derives acc_width
         raise AccumulatorOverflowError(
@@ -270,8 +273,12 @@ def _lower(qg: QGraph, layers, reuse_spad: bool, quant, first) -> Program:
             pot = bool(getattr(ql, "pot", False))
             if l.kind == "conv":
                 _check_pe_kind(cfg, l.name, pot)
+                x_exp = cfg.bfp_emax if getattr(qg.layers[l.inputs[0]], "bfp", False) else 0
                 info["accumulator"] = _check_accumulator(cfg, l.name, _summed_weights(cfg, l, ql),
-                                                         tensors[l.inputs[0]].signed)
+                                                         tensors[l.inputs[0]].signed, x_exp)
+                if x_exp and getattr(ql, "block_mult", None) is not None:
+                    # The tile sums are rescaled after the array: they must not wrap either.
+                    _check_accumulator(cfg, l.name, ql.w_q, tensors[l.inputs[0]].signed, x_exp)
             if l.kind == "input" and first is not None:
                 cin, kh, kw = first.weight.shape[1:]
                 _, oh, ow = first.shape
@@ -293,7 +300,9 @@ def _lower(qg: QGraph, layers, reuse_spad: bool, quant, first) -> Program:
                 if l is first:  # the host did the im2col: a 1x1 conv over (c, dy, dx) channels
                     w_q, stride, padding = w_q.reshape(w_q.shape[0], -1, 1, 1), (1, 1), (0, 0)
                 rq = Requant(bias=ql.bias_q, mult=ql.mult, shift=ql.shift, zp=int(getattr(ql, "zp", 0)),
-                             lo=ql.lo, hi=ql.hi, res_mult=ql.res_mult)
+                             lo=ql.lo, hi=ql.hi, res_mult=ql.res_mult, bfp=bool(getattr(ql, "bfp", False)))
+                if rq.bfp:
+                    info["bfp"] = True
                 tensors[l.name] = b.conv2d(x, w_q, rq, stride=stride, padding=padding, groups=l.groups,
                                            residual=tensors[l.residual] if l.residual else None,
                                            out_signed=ql.signed, name=l.name, pot=pot,
@@ -357,6 +366,9 @@ def _quant_manifest(qg: QGraph) -> dict:
     q = {"method": o.method, "w_bits": qg.w_bits, "a_bits": qg.a_bits, "bias_correction": o.bias_correction}
     if o.weight_method == "dsconv":
         q |= {"weight_method": "dsconv", "dsconv_block": o.dsconv_block or qg.config.rows}
+    if o.bfp:
+        q |= {"activations": "bfp", "bfp_exp_bits": qg.config.bfp_exp_bits,
+              "bfp_layers": sorted(n for n, ql in qg.layers.items() if ql.bfp)}
     if o.weight_method in POT_METHODS:  # additive: int settings keep the manifest they always had
         q |= {"weight_method": o.weight_method, "pot_bits": qg.pot_bits, "pot_granularity": o.pot_granularity,
               "pot_scale": o.pot_scale, "pot_layers": sorted(qg.pot_layers),

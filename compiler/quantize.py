@@ -54,7 +54,7 @@ from . import pot as _pot
 from .frontend import Graph, Layer
 
 __all__ = [
-    "QuantOptions", "QLayer", "QGraph", "QuantError", "quantize", "float_forward", "simulate",
+    "QuantOptions", "QLayer", "QGraph", "QuantError", "quantize", "float_forward", "simulate", "bfp_layers", "code_max",
     "METHODS", "WEIGHT_METHODS", "BIAS_CORRECTIONS", "POT_METHODS",
     "qrange", "fake_quant", "estimate_clip", "mse_clip", "pooled_mse_clip", "aciq_clip", "aciq_k",
     "weight_scales", "gptq_round", "mult_shift", "analytic_bias_correction",
@@ -116,6 +116,12 @@ class QuantOptions:
     #: ``dsconv`` (:mod:`compiler.dsconv`): input channels per weight block, a multiple of the
     #: array's rows; ``None``: the rows (the finest the hardware rescales).
     dsconv_block: int | None = None
+    #: Block-floating-point activations (DSConv's activation format, :func:`compiler.dsconv.bfp_round`):
+    #: every conv output that only convs read (not the model output, no residual add on either
+    #: side, no pool) is stored as ``a_bits`` mantissas with one exponent per pixel and channel
+    #: block of the array's rows. Needs an accelerator with ``bfp_exp_bits`` (``hw.build
+    #: --block-scale --bfp-exp-bits N``). The model input stays uniform (the host quantizes it).
+    bfp: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -133,6 +139,8 @@ class QuantOptions:
         if self.weight_method == "dsconv" and self.bias_correction in ("analytic", "both"):
             raise QuantError("bias_correction analytic rescales whole channels; with weight_method dsconv "
                              "use none or empirical")
+        if not isinstance(self.bfp, bool):
+            raise QuantError(f"bfp must be True or False, not {self.bfp!r}")
         if not 0 < self.percentile <= 100:
             raise QuantError(f"percentile must be in (0, 100], not {self.percentile!r}")
         self._check_pot()
@@ -178,6 +186,16 @@ class QLayer:
     #: rescale ``mult``/``shift`` applied to each MATMUL tile's sums; ``None`` for other layers.
     block_mult: np.ndarray | None = None
     block_shift: np.ndarray | None = None
+    #: The output is block floating point (``QuantOptions.bfp``): codes are ``a_bits`` mantissas
+    #: in ``lo..hi`` with an exponent ``0..cfg.bfp_emax`` per pixel and channel block; ``scale``
+    #: is the value of a mantissa unit at exponent 0.
+    bfp: bool = False
+
+
+def code_max(cfg: AccelConfig, ql: QLayer) -> int:
+    """Largest magnitude of a tensor's integer values in units of its ``scale``: the code range,
+    times ``2**bfp_emax`` for a block-floating-point tensor (a mantissa shifted by its exponent)."""
+    return max(-ql.lo, ql.hi) << (cfg.bfp_emax if ql.bfp else 0)
 
 
 @dataclass
@@ -548,11 +566,19 @@ def _int_conv_blocks(l: Layer, ql: QLayer, xq: np.ndarray, cfg: AccelConfig) -> 
     return acc
 
 
-def _requant(ql: QLayer, acc: np.ndarray, res: np.ndarray | None) -> np.ndarray:
+def _requant(ql: QLayer, acc: np.ndarray, res: np.ndarray | None, cfg: AccelConfig) -> np.ndarray:
+    """POST of one layer; a block-floating-point output (``ql.bfp``) as its values, each mantissa
+    shifted left by its block's exponent (:func:`compiler.dsconv.bfp_round`)."""
     t = (acc + ql.bias_q.reshape(1, -1, 1, 1)) * ql.mult.reshape(1, -1, 1, 1)
     if res is not None:
         t = t + res * ql.res_mult.reshape(1, -1, 1, 1)
-    return np.clip(_round_shift(t, ql.shift.reshape(1, -1, 1, 1)), ql.lo, ql.hi)
+    y = _round_shift(t, ql.shift.reshape(1, -1, 1, 1))
+    if ql.bfp:
+        from .dsconv import bfp_round
+
+        mant, exp = bfp_round(y, ql.lo, ql.hi, cfg.bfp_emax, cfg.rows)
+        return mant << np.repeat(exp, cfg.rows, axis=1)[:, :y.shape[1]]
+    return np.clip(y, ql.lo, ql.hi)
 
 
 def _int_pool(qg: QGraph, l: Layer, xq: np.ndarray) -> np.ndarray:
@@ -595,7 +621,7 @@ def simulate(qg: QGraph, x, record: bool = False):
                 codes[l.name] = acc
                 out = (acc + ql.bias_q.reshape(1, -1, 1, 1)) * (qg.layers[l.inputs[0]].scale * ql.w_scale).reshape(1, -1, 1, 1)
             else:
-                codes[l.name] = _requant(ql, acc, codes[l.residual] if l.residual else None)
+                codes[l.name] = _requant(ql, acc, codes[l.residual] if l.residual else None, qg.config)
         else:
             codes[l.name] = _int_pool(qg, l, codes[l.inputs[0]])
     return codes if record else out.reshape(len(x), -1)
@@ -636,6 +662,12 @@ def quantize(graph: Graph, cfg: AccelConfig, calib: torch.Tensor, opts: QuantOpt
     if opts.weight_method == "dsconv" and not cfg.block_scale:
         raise QuantError("weight_method dsconv needs an accelerator with block_scale (hw.build --block-scale): "
                          f"{cfg.describe()} has none")
+    if opts.bfp and not cfg.bfp_exp_bits:
+        raise QuantError("bfp (block-floating-point activations) needs an accelerator with bfp_exp_bits "
+                         f"(hw.build --block-scale --bfp-exp-bits N): {cfg.describe()} has none")
+    if opts.bfp and cfg.cols % cfg.rows:
+        raise QuantError(f"bfp needs cols ({cfg.cols}) to be a multiple of rows ({cfg.rows}): a spad row's "
+                         "exponent is computed by the one POST that writes the row")
     empirical = opts.bias_correction in ("empirical", "both")
     codes: dict[str, np.ndarray] = {}  # integer codes of the network built so far (empirical BC)
     rng = np.random.default_rng(0)
@@ -643,6 +675,7 @@ def quantize(graph: Graph, cfg: AccelConfig, calib: torch.Tensor, opts: QuantOpt
     for l in graph.layers:
         for src in l.inputs + ([l.residual] if l.residual else []):
             consumers[src].append(l)
+    bfp = bfp_layers(graph, cfg) if opts.bfp else set()
     for l in graph.layers:
         if l.kind in ("maxpool", "avgpool"):
             src = qg.layers[l.inputs[0]]
@@ -653,7 +686,8 @@ def quantize(graph: Graph, cfg: AccelConfig, calib: torch.Tensor, opts: QuantOpt
             if l.name in act_scales:
                 signed = bool(v.min() < 0) if l.kind == "input" else l.act is None
                 lo, hi = qrange(lab, signed)
-                ql = QLayer(l, float(act_scales[l.name]), signed, lo, hi)
+                ql = QLayer(l, float(act_scales[l.name]) / (1 << cfg.bfp_emax if l.name in bfp else 1),
+                            signed, lo, hi, bfp=l.name in bfp)
             else:
                 if v.size > _MAX_SAMPLES:
                     v = rng.choice(v, _MAX_SAMPLES, replace=False)
@@ -667,7 +701,9 @@ def quantize(graph: Graph, cfg: AccelConfig, calib: torch.Tensor, opts: QuantOpt
                 elif isinstance(l.act, tuple):
                     clip = min(clip, l.act[1])
                 lo, hi = qrange(lab, signed)
-                ql = QLayer(l, clip / hi, signed, lo, hi)
+                # A BFP tensor's largest blocks (exponent bfp_emax) get the uniform code's step.
+                ql = QLayer(l, clip / hi / (1 << cfg.bfp_emax if l.name in bfp else 1), signed, lo, hi,
+                            bfp=l.name in bfp)
             if l.kind == "conv":
                 _quantize_conv(qg, ql, lwb, vals, codes if empirical else None, w_scales.get(l.name))
         qg.layers[l.name] = ql
@@ -679,6 +715,23 @@ def quantize(graph: Graph, cfg: AccelConfig, calib: torch.Tensor, opts: QuantOpt
             else:
                 codes[l.name] = _int_pool(qg, l, codes[l.inputs[0]])
     return qg
+
+
+def bfp_layers(graph: Graph, cfg: AccelConfig) -> set[str]:
+    """The layers whose outputs are stored block floating point under ``QuantOptions.bfp``: conv
+    layers other than the model output, without a residual add, whose every reader is a conv
+    reading it as its input (a BFP POST cannot add a residual, and POOL and residual operands see
+    raw mantissas), on an array whose spad rows are each written by one POST (``cols`` a multiple
+    of ``rows``: one exponent per row)."""
+    readers = {l.name: [] for l in graph.layers}
+    for l in graph.layers:
+        for src in l.inputs:
+            readers[src].append((l, "input"))
+        if l.residual:
+            readers[l.residual].append((l, "residual"))
+    return {l.name for l in graph.layers
+            if l.kind == "conv" and l.name != graph.output and not l.residual and readers[l.name]
+            and all(r.kind == "conv" and how == "input" for r, how in readers[l.name])}
 
 
 def _check_layer_bits(graph: Graph, cfg: AccelConfig, layer_bits: dict, wb: int, ab: int) -> dict:
@@ -717,7 +770,7 @@ def _quantize_conv(qg: QGraph, ql: QLayer, wb: int, vals: dict, codes: dict | No
         except DSConvError as e:
             raise QuantError(f"layer {l.name}: {e}") from None
         ql.block_mult, ql.block_shift, sw, _ = fixed_point_scales(
-            wq, alpha, cfg.rows, l.groups, cfg.mult_bits, (1 << cfg.shift_bits) - 1, max(-x.lo, x.hi), cfg.acc_width)
+            wq, alpha, cfg.rows, l.groups, cfg.mult_bits, (1 << cfg.shift_bits) - 1, code_max(cfg, x), cfg.acc_width)
     elif opts.weight_method == "gptq":
         sw = weight_scales(w, wb, "mse")
         with torch.no_grad():
@@ -754,7 +807,7 @@ def _quantize_conv(qg: QGraph, ql: QLayer, wb: int, vals: dict, codes: dict | No
     # The bias the hardware adds is bias_q * acc_scale, so correct relative to that, not `bias`.
     _set_bias(qg, ql, ql.bias_q * acc_scale.reshape(-1) + (y_f - y_q).mean(axis=(0, 2, 3)))
     acc_res = codes[l.residual] if l.residual else None
-    codes[l.name] = acc if l.name == qg.graph.output else _requant(ql, acc, acc_res)
+    codes[l.name] = acc if l.name == qg.graph.output else _requant(ql, acc, acc_res, cfg)
 
 
 def _set_bias(qg: QGraph, ql: QLayer, bias: np.ndarray):

@@ -169,8 +169,9 @@ def test_dsconv_model_golden_vs_verilator():
     from tests.compiler_models import tiny
 
     x = torch.rand((10, 1, 8, 8), generator=torch.Generator().manual_seed(5))
-    cfg = AccelConfig(rows=4, cols=4, w_bits=4, a_bits=4, spad_depth=256, acc_depth=64, wmem_depth=128,
-                      imem_depth=128, param_depth=64, block_scale=True)
+    from tests.test_bfp_compiler import RTL_CFG as cfg  # one Verilator build for both tests
+
+    assert cfg.block_scale
     prog = compile_model(tiny(), x[:8], cfg, weight_method="dsconv", bias_correction="empirical")
     images = x[8:].numpy()
     g = run_golden(prog, images, progress=False)
