@@ -175,10 +175,12 @@ class AccelConfig:
         One product needs :attr:`product_bits`; the largest reduction the weight memory can hold
         is ``wmem_depth`` terms (one weight row per reduction index), adding ``ceil(log2)`` bits,
         so no sum of a legal program overflows (a PoT W8A8 config at the default depth: 36 bits).
+        On a ``bfp_exp_bits`` config a block-floating-point activation is its mantissa shifted
+        left by up to :attr:`bfp_emax`, so the accumulated (rescaled) sums need ``bfp_emax`` more.
         """
         if self.acc_bits is not None:
             return self.acc_bits
-        return self.product_bits + _clog2(self.wmem_depth)
+        return self.product_bits + _clog2(self.wmem_depth) + self.bfp_emax
 
     @property
     def act_ext_bits(self) -> int:
