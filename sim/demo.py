@@ -2,7 +2,7 @@
 
 Train (or load) the default CNN on real MNIST, quantize it at W8A8 and W4A4 (integer PEs), with
 DoubleQExt (INT and power-of-two layers in one program, hybrid PEs) and with DSConv block-scaled
-4-bit weights (block rescale in the accumulator path), compile each for a 16x16 array, generate the accelerator with the weights in ROM, run N test images through the
+4-bit weights and block-floating-point activations (block rescale in the accumulator path), compile each for a 16x16 array, generate the accelerator with the weights in ROM, run N test images through the
 RTL under Verilator and through the golden model, and report accuracy, bit-exactness, cycles
 and utilisation. Writes ``build/demo/report.json``.
 """
@@ -23,8 +23,8 @@ SETTINGS = (
     ("W4A4", dict(w_bits=4, a_bits=4), dict(method="mse", weight_method="mse", bias_correction="empirical")),
     ("HYB-DQE", dict(w_bits=8, a_bits=8, pe_kind="hybrid"),
      dict(method="mse", weight_method="doubleqext", pot_budget=0.77, bias_correction="empirical")),
-    ("DSCONV4", dict(w_bits=4, a_bits=8, block_scale=True),
-     dict(method="mse", weight_method="dsconv", bias_correction="empirical")),
+    ("DSCONV4", dict(w_bits=4, a_bits=8, block_scale=True, bfp_exp_bits=3),
+     dict(method="mse", weight_method="dsconv", bias_correction="empirical", bfp=True)),
 )
 
 
