@@ -51,7 +51,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from hw import isa
-from hw.config import PE_KINDS, AccelConfig
+from hw.config import PE_KINDS, AccelConfig, ConfigError
 from hw.isa import HostMem, Opcode
 from hw.program import Program, ProgramError, atomic_write
 
@@ -91,7 +91,8 @@ def fuzz_config(cfg_seed: int) -> AccelConfig:
     (``block_scale=True``, ``param_depth >= 64``), whose random cases carry random block scales;
     every fourth seed (``cfg_seed % 4 == 1``) packed weights (``packed_weights=True``: the random
     INT cases pick random ``pack_bits``), block-scale seeds with ``cfg_seed % 4 ==``
-    :data:`BFP_RESIDUE` block-floating-point activations (``bfp_exp_bits = 1 + cfg_seed // 4 % 3``),
+    :data:`BFP_RESIDUE` block-floating-point activations (``bfp_exp_bits = 1 + cfg_seed // 4 % 3``, fewer where the wider
+    accumulator would not fit the config's budget),
     and every seventh (``cfg_seed % 7 == 6``) a config
     without MATMUL/POST overlap (``post_overlap=False``; the others overlap wherever
     :func:`hw.timing.mark_overlaps` allows)."""
@@ -104,7 +105,14 @@ def fuzz_config(cfg_seed: int) -> AccelConfig:
         # random_block_scale); they take param rows per block, kernel tap and channel, hence 64.
         cfg = dataclasses.replace(cfg, block_scale=True, param_depth=max(cfg.param_depth, 64))
         if cfg_seed % 4 == BFP_RESIDUE:
-            cfg = dataclasses.replace(cfg, bfp_exp_bits=1 + cfg_seed // 4 % 3)
+            # A BFP config's accumulator is bfp_emax bits wider (hw.config: acc_width); where
+            # that breaks the acc_width + mult_bits <= 60 budget, use fewer exponent bits.
+            for e in range(1 + cfg_seed // 4 % 3, 0, -1):
+                try:
+                    cfg = dataclasses.replace(cfg, bfp_exp_bits=e)
+                    break
+                except ConfigError:
+                    continue
     if cfg_seed % 4 == 1:
         cfg = dataclasses.replace(cfg, packed_weights=True)
     if cfg_seed % 7 == 6:
