@@ -567,6 +567,14 @@ def scramble(machine, rng) -> None:
         fill(machine.spad_exp, cfg.bfp_exp_bits, False)
 
 
+def rtl_job(case: Case, reads):
+    """A Verilator :class:`sim.verilator.Job` running ``case``: its ``spad_writes`` over the host
+    port, then the program, then ``reads`` (``[(HostMem, first row, rows)]``)."""
+    from sim.verilator import Job
+
+    return Job(case.program, [(isa.HostMem.SPAD, addr, rows) for addr, rows in case.spad_writes], list(reads))
+
+
 def run_case(case: Case, machine=None):
     """Run a case on a golden machine (fresh unless given); returns (outputs, RunResult)."""
     from sim.golden import Machine

@@ -355,7 +355,6 @@ def random_chain_case(rng, cfg) -> helpers.Case:
     :func:`tests.helpers.with_bfp` the second's MATMULs read exponents that the first's BFP POSTs
     wrote (through the overlap rules when they overlap). Block shifts are often below emax, so the
     rescale's left shift is common."""
-    from compiler.kernels import SpadTensor  # noqa: F401  (helpers.Builder allocates them)
 
     H, W = int(rng.integers(1, 5)), int(rng.integers(1, 5))
     c0, c1, c2 = (int(rng.integers(1, 2 * cfg.rows + 1)) for _ in range(3))
@@ -377,13 +376,9 @@ def random_chain_case(rng, cfg) -> helpers.Case:
 
 
 def bfp_job(case):
-    from sim.verilator import Job
-
     cfg = case.program.config
-    writes = [(HostMem.SPAD, addr, rows) for addr, rows in case.spad_writes]
-    reads = [(HostMem.SPAD, 0, cfg.spad_depth), (HostMem.SPAD_EXP, 0, cfg.spad_depth),
-             (HostMem.ACC, 0, cfg.acc_depth)]
-    return Job(case.program, writes, reads)
+    return helpers.rtl_job(case, [(HostMem.SPAD, 0, cfg.spad_depth), (HostMem.SPAD_EXP, 0, cfg.spad_depth),
+                                  (HostMem.ACC, 0, cfg.acc_depth)])
 
 
 def random_bfp_cases(cfg, seed, n):

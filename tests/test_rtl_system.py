@@ -37,11 +37,8 @@ KINDS = ("conv", "gemm", "pool", "residual")
 
 
 def _job(case) -> Job:
-    cfg = case.program.config
-    writes = [(HostMem.SPAD, addr, rows) for addr, rows in case.spad_writes]
     reads = [(HostMem.SPAD, addr, n) for addr, n in case.outputs]
-    reads.append((HostMem.ACC, 0, cfg.acc_depth))
-    return Job(case.program, writes, reads)
+    return helpers.rtl_job(case, reads + [(HostMem.ACC, 0, case.program.config.acc_depth)])
 
 
 def _cases(cfg, seed, n):

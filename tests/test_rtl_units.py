@@ -59,6 +59,17 @@ async def _drive_pe(ctx, dut, cfg, steps, seed):
         pending = mac
 
 
+async def _load_bank(ctx, dut, bank, w):
+    """Write weight rows ``w`` (rows x cols) into ``bank`` of a ``SystolicArray``, one row per cycle."""
+    for r in range(len(w)):
+        ctx.set(dut.w_we, 1)
+        ctx.set(dut.w_bank, bank)
+        ctx.set(dut.w_row_idx, r)
+        ctx.set(dut.w_row, [int(v) for v in w[r]])
+        await ctx.tick()
+    ctx.set(dut.w_we, 0)
+
+
 def _srange(bits):
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
@@ -199,13 +210,7 @@ def test_systolic_array_double_buffered(rows, cols, w_bits, a_bits, kind):
 
     async def bench(ctx):
         async def load(bank, w):
-            for r in range(rows):
-                ctx.set(dut.w_we, 1)
-                ctx.set(dut.w_bank, bank)
-                ctx.set(dut.w_row_idx, r)
-                ctx.set(dut.w_row, [int(v) for v in w[r]])
-                await ctx.tick()
-            ctx.set(dut.w_we, 0)
+            await _load_bank(ctx, dut, bank, w)
 
         await load(0, tiles[0])
         t = 0
@@ -269,13 +274,7 @@ def _array_extremes(cfg, seed):
 
     async def bench(ctx):
         for b, (codes, _, _) in enumerate(banks):
-            for r in range(R):
-                ctx.set(dut.w_we, 1)
-                ctx.set(dut.w_bank, b)
-                ctx.set(dut.w_row_idx, r)
-                ctx.set(dut.w_row, [int(x) for x in codes[r]])
-                await ctx.tick()
-        ctx.set(dut.w_we, 0)
+            await _load_bank(ctx, dut, b, codes)
         for i in range(len(stream) + lat):
             if i < len(stream):
                 v, b = stream[i]
