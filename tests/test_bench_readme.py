@@ -75,6 +75,19 @@ def test_area_sweep_smallest_point_places_and_routes(monkeypatch):
     assert row["pnr_lut"] > 0 and row["pnr_available"]["lut"] == 83640
 
 
+def test_area_sweep_resume_keeps_measurements_and_retries_shorter_timeouts():
+    """A longer --timeout resumes a checkpoint: measured, no-fit and failed rows stay; a row that
+    timed out is run again only if the new timeout is longer than the one it had."""
+    from bench.area_sweep import resumable
+
+    rows = {"ok": {"status": "ok"}, "nofit": {"status": "no fit"}, "failed": {"status": "failed"},
+            "t1800": {"status": "timeout", "timeout_s": 1800}, "t3600": {"status": "timeout", "timeout_s": 3600},
+            "old": {"status": "timeout"}}
+    assert set(resumable(rows, 1800)) == {"ok", "nofit", "failed", "t1800", "t3600"}
+    assert set(resumable(rows, 3600)) == {"ok", "nofit", "failed", "t3600"}
+    assert set(resumable(rows, 7200)) == {"ok", "nofit", "failed"}
+
+
 def test_quick_by_default_leaves_the_committed_results_and_readme_alone():
     """`python -m bench --quick` is a smoke test: by default it writes build/bench/quick and
     regenerates no README, so it never overwrites bench/results or README.md's block."""
