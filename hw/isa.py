@@ -165,7 +165,8 @@ FIELDS: dict[Opcode, tuple[Field, ...]] = {
         _f("dst_lane", lambda c: c.lane_bits, "spad lane it is written to"),
         _f("n_lanes", lambda c: c.lane_bits, "lanes written; other spad lanes keep their value"),
         _f("zp", lambda c: c.a_bits + 1, "output zero point", signed=True),
-        _f("lo", lambda c: c.a_bits + 1, "clamp low bound (after zero point)", signed=True),
+        _f("lo", lambda c: c.a_bits + 1, "clamp low bound (after zero point); the clamp tests lo "
+           "first, so with lo > hi values below lo give lo and all others hi", signed=True),
         _f("hi", lambda c: c.a_bits + 1, "clamp high bound", signed=True),
         _f("res_en", 1, "add residual: spad[res_base + i] lane * res_mult before rounding"),
         _f("res_signed", 1, "residual activations are signed"),

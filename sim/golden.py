@@ -112,7 +112,15 @@ def requantize(acc, bias, mult, shift, zp, lo, hi, residual=None, res_mult=None)
     if residual is not None:
         t = t + np.asarray(residual, np.int64) * np.asarray(res_mult, np.int64)
     y = round_shift(t, shift) + np.int64(zp)
-    return np.clip(y, lo, hi)
+    return clamp(y, lo, hi)
+
+
+def clamp(y, lo, hi):
+    """POST's clamp as the hardware does it: ``lo`` if ``y < lo``, else ``hi`` if ``y > hi``, else
+    ``y``. It equals ``np.clip`` when ``lo <= hi`` (every program the compiler emits); with
+    ``lo > hi`` values below ``lo`` give ``lo`` and all others ``hi`` (``np.clip`` gives ``hi``)."""
+    y = np.asarray(y, np.int64)
+    return np.where(y < lo, lo, np.where(y > hi, hi, y)).astype(np.int64)
 
 
 def _bitlen(x):
@@ -314,7 +322,7 @@ class Machine:
             y = round_shift((acc + p["bias"]) * p["mult"], p["shift"])
             t = np.where(y >= 0, y, (-y - 1) if a["lo"] < 0 else 0)
             e = np.clip(_bitlen(t.max(axis=1)) - int(a["hi"]).bit_length(), 0, cfg.bfp_emax)
-            y = np.clip(round_shift(y, e[:, None]), a["lo"], a["hi"])
+            y = clamp(round_shift(y, e[:, None]), a["lo"], a["hi"])
             self.spad_exp[rows] = e
         else:
             y = requantize(acc, p["bias"], p["mult"], p["shift"], a["zp"], a["lo"], a["hi"],
