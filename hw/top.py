@@ -19,7 +19,8 @@ exponent per spad row. Its read port follows spad's read address, so each MATMUL
 exponent arrives with its lanes and travels with the array control to the block rescale, which
 shifts by ``shift - exponent`` (left when negative). POST ends in two more stages: the OR of the
 row's lane magnitudes, priority-encoded into the shared exponent, then each lane's rounding shift
-and clamp; POST writes the row's exponent (0 unless ``bfp``) with its lanes, POOL writes 0.
+and clamp; POST writes the row's exponent (0 unless ``bfp``) with its lanes, POOL and a host SPAD
+write write 0.
 
 Hazards are kept simple and conservative: PRELOAD waits until the previous MATMUL on its bank
 has drained from the array; MATMUL waits for POST/POOL; POST, POOL, SYNC and HALT wait until
@@ -154,6 +155,10 @@ class QuarryTop(wiring.Component):
         host_reads = [(HostMem.IMEM, imem_r), (HostMem.WMEM, wmem_r), (HostMem.SPAD, spad_r),
                       (HostMem.ACC, acc_r), (HostMem.PARAM, param_r)]
         if bfp:
+            # A host SPAD write sets the row's exponent to 0 (the row is a plain integer row until
+            # a SPAD_EXP write says otherwise), so no exponent left by an earlier program survives.
+            with m.If(host_ok & self.host_we & (self.host_mem == HostMem.SPAD)):
+                m.d.comb += [spe_w.addr.eq(self.host_addr), spe_w.data.eq(0), spe_w.en.eq(1)]
             with m.If(host_ok & self.host_we & (self.host_mem == HostMem.SPAD_EXP)):
                 m.d.comb += [spe_w.addr.eq(self.host_addr), spe_w.data.eq(self.host_wdata), spe_w.en.eq(1)]
         with m.Switch(hsel):

@@ -44,7 +44,7 @@ def run_amaranth(program: Program, writes=(), reads=(), max_cycles: int = 200_00
             ctx.set(dut.host_we, 0)
 
         await write(HostMem.IMEM, 0, program.words())
-        for name, rows in program.images.items():
+        for name, rows in sorted(program.images.items()):  # spad before spad_exp, as sim.verilator
             await write(_IMAGE_MEM[name], 0, rows)
         for mem, addr, rows in writes:
             await write(mem, addr, rows_of(mem, rows))

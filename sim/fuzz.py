@@ -160,7 +160,7 @@ def case_job(case: helpers.Case):
     from .verilator import Job
 
     cfg = case.program.config
-    writes = [(HostMem.SPAD, addr, rows) for addr, rows in case.spad_writes]
+    writes = helpers.host_writes(case)
     reads = [(HostMem.SPAD, addr, n) for addr, n in case.outputs]
     if cfg.bfp_exp_bits:
         reads += [(HostMem.SPAD_EXP, addr, n) for addr, n in case.outputs]

@@ -52,8 +52,10 @@ as ``raw(l) * 2**spad_exp[r]``. A block is one spad row (one pixel, ``rows`` cha
 * A residual POST reads its residual rows' raw lanes and ignores their exponents; POOL compares
   and averages raw lanes ignoring exponents and writes exponent 0 on its output rows. (The
   compiler only uses BFP tensors as MATMUL inputs.)
-* A host write to spad (``HostMem.SPAD``) leaves the rows' exponents alone (they are another
-  memory, ``HostMem.SPAD_EXP``); :meth:`Machine.write_spad` sets both (``exp`` defaults to 0).
+* A host write to spad (``HostMem.SPAD``, and the ``spad`` image) sets the rows' exponents to 0,
+  so no exponent an earlier program left survives a new input; a host write to ``HostMem.SPAD_EXP``
+  (and the ``spad_exp`` image, loaded after ``spad``) sets them. :meth:`Machine.write_spad` sets
+  both (``exp`` defaults to 0).
 * Timing: on a BFP config every POST (``bfp`` or not) takes :func:`hw.timing.post_bfp_stages`
   more cycles (magnitude/saturate, OR + priority encode, then the shift and clamp); the RTL
   saturates ``y_l`` to ``a_bits + 2 + emax`` bits first, which changes neither ``e`` nor a
@@ -166,7 +168,7 @@ class Machine:
         if program.config.hash != self.cfg.hash:
             raise ProgramError(f"program was built for config {program.config.hash} "
                                f"({program.config.describe()}), not {self.cfg.hash} ({self.cfg.describe()})")
-        for name, rows in program.images.items():
+        for name, rows in sorted(program.images.items()):  # the RTL runners' order: spad, then spad_exp
             vals = unpack_rows(isa.__dict__[f"{name}_row_layout"](self.cfg), rows)
             if name == "param":
                 for k in self.param:
@@ -175,6 +177,8 @@ class Machine:
                 self.spad_exp[:len(rows)] = vals[:, 0]
             else:
                 getattr(self, name)[:len(rows)] = vals
+                if name == "spad":  # a host SPAD write sets the row's exponent to 0
+                    self.spad_exp[:len(rows)] = 0
 
     def write_spad(self, addr: int, values, signed: bool = False, exp=None) -> None:
         """Write activation rows (lanes beyond the given width keep 0) starting at ``addr``, and

@@ -115,6 +115,8 @@ def _store(m: Machine, imem: np.ndarray, cfg: AccelConfig, mem: HostMem, addr: i
         m.spad_exp[addr:addr + n] = vals[:, 0]
     else:
         {HostMem.SPAD: m.spad, HostMem.ACC: m.acc, HostMem.WMEM: m.wmem}[mem][addr:addr + n] = vals
+        if mem is HostMem.SPAD:  # a host SPAD write sets the row's exponent to 0
+            m.spad_exp[addr:addr + n] = 0
 
 
 def golden_job(cfg: AccelConfig, job: Job, rtl: RtlSim | None = None):

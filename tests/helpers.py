@@ -567,12 +567,22 @@ def scramble(machine, rng) -> None:
         fill(machine.spad_exp, cfg.bfp_exp_bits, False)
 
 
+def host_writes(case: Case) -> list:
+    """The host-port writes that load ``case`` after its program images: its ``spad_writes``, then
+    (BFP cases) its ``spad_exp`` image once more, because a host SPAD write sets the row's
+    exponent to 0 and the case wants its random exponents under the rows it wrote."""
+    writes = [(isa.HostMem.SPAD, addr, rows) for addr, rows in case.spad_writes]
+    if "spad_exp" in case.program.images and writes:
+        writes.append((isa.HostMem.SPAD_EXP, 0, list(case.program.images["spad_exp"])))
+    return writes
+
+
 def rtl_job(case: Case, reads):
-    """A Verilator :class:`sim.verilator.Job` running ``case``: its ``spad_writes`` over the host
-    port, then the program, then ``reads`` (``[(HostMem, first row, rows)]``)."""
+    """A Verilator :class:`sim.verilator.Job` running ``case``: :func:`host_writes`, then the
+    program, then ``reads`` (``[(HostMem, first row, rows)]``)."""
     from sim.verilator import Job
 
-    return Job(case.program, [(isa.HostMem.SPAD, addr, rows) for addr, rows in case.spad_writes], list(reads))
+    return Job(case.program, host_writes(case), list(reads))
 
 
 def run_case(case: Case, machine=None):

@@ -461,3 +461,27 @@ def test_rtl_post_with_lo_above_hi():
     assert sum(1 for c in cases for i in c.program.instrs if i.op is Opcode.POST and i.args["lo"] > i.args["hi"]) >= 10
     report = compare(RTL_CFG, [bfp_job(c) for c in cases], build(RTL_CFG))
     assert not report, f"{len(report)} mismatches: {report.summary(5)}"
+
+
+@pytest.mark.rtl
+def test_rtl_host_spad_write_clears_exponents():
+    """On the RTL as in the golden model, a host SPAD write sets the row's exponent to 0: the
+    exponents a BFP program leaves do not survive the next input written over those rows, and
+    rows not written keep theirs (``isolate=False``: nothing restores the rows between jobs)."""
+    from sim.rtlrun import golden_job
+    from sim.verilator import Job, build
+
+    rng = np.random.default_rng(11)
+    case = helpers.with_bfp(rng, random_chain_case(rng, RTL_CFG), p_post=1.0)
+    (base, n), _ = case.outputs
+    depth = RTL_CFG.spad_depth
+    first = Job(case.program, helpers.host_writes(case), [(HostMem.SPAD_EXP, 0, depth)])
+    second = Job(None, [(HostMem.SPAD, base, np.zeros((n, RTL_CFG.rows), np.int64))],
+                 [(HostMem.SPAD_EXP, 0, depth)])
+    r1, r2 = build(RTL_CFG).run([first, second], isolate=False)
+    _, (expected,) = golden_job(RTL_CFG, first)
+    assert np.array_equal(r1.reads[0], expected)
+    assert r1.reads[0][base:base + n].any(), "the program left no exponent to clear"
+    assert not r2.reads[0][base:base + n].any()
+    keep = np.r_[0:base, base + n:depth]
+    assert np.array_equal(r2.reads[0][keep], r1.reads[0][keep])
