@@ -675,7 +675,7 @@ def quantize(graph: Graph, cfg: AccelConfig, calib: torch.Tensor, opts: QuantOpt
     for l in graph.layers:
         for src in l.inputs + ([l.residual] if l.residual else []):
             consumers[src].append(l)
-    bfp = bfp_layers(graph, cfg) if opts.bfp else set()
+    bfp = bfp_layers(graph) if opts.bfp else set()
     for l in graph.layers:
         if l.kind in ("maxpool", "avgpool"):
             src = qg.layers[l.inputs[0]]
@@ -717,12 +717,12 @@ def quantize(graph: Graph, cfg: AccelConfig, calib: torch.Tensor, opts: QuantOpt
     return qg
 
 
-def bfp_layers(graph: Graph, cfg: AccelConfig) -> set[str]:
+def bfp_layers(graph: Graph) -> set[str]:
     """The layers whose outputs are stored block floating point under ``QuantOptions.bfp``: conv
     layers other than the model output, without a residual add, whose every reader is a conv
     reading it as its input (a BFP POST cannot add a residual, and POOL and residual operands see
-    raw mantissas), on an array whose spad rows are each written by one POST (``cols`` a multiple
-    of ``rows``: one exponent per row)."""
+    raw mantissas). The array must write each spad row with one POST (``cols`` a multiple of
+    ``rows``: one exponent per row); :func:`quantize` checks that."""
     readers = {l.name: [] for l in graph.layers}
     for l in graph.layers:
         for src in l.inputs:

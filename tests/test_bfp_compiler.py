@@ -68,7 +68,7 @@ def test_bfp_layers_are_the_conv_to_conv_tensors():
 
     g, _ = _model()
     # stem feeds a pool, res2 adds a residual, pw feeds the average pool, fc is the output
-    assert bfp_layers(g, _cfg()) == {"res1_0", "dw_0"}
+    assert bfp_layers(g) == {"res1_0", "dw_0"}
 
 
 @pytest.mark.parametrize("kind,wm,bc", [("int", "dsconv", "empirical"), ("hybrid", "minmax", "none")])
