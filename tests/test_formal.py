@@ -13,6 +13,9 @@ deeper). The requantization lane is proved whole at small accumulator widths
 multiplier, 55-bit product; W8A8 PoT: 36 + 24, 63-bit product, the widest legal):
 :class:`MulStageProof` (bias add and both multiplies, every input) and :class:`RoundClampProof`
 (rounding shift, zero point, clamp, every 55/63-bit product, one job per shift value).
+POST's block-floating-point stages (shared exponent, mantissa rounding and clamp, behind the
+lanes' last two stages) are proved for every product, lane window and bound at small widths
+(:class:`BfpPostProof`).
 
 Controller safety and liveness (bounded model checking of the whole ``QuarryTop`` at tiny
 configs, memories' ports observed from a wrapper that elaborates the top itself; the only hook in
@@ -484,6 +487,119 @@ def test_wrong_pot_spec_is_caught():
     cfg = AccelConfig(rows=1, cols=1, w_bits=4, a_bits=4, pe_kind="pot")
     proof = PeProof(cfg, exp_offset=0)
     res = formal.check("pe_pot_wrong_exp", proof, proof.ports(), mode="bmc", depth=6, timeout=600)
+    assert res.status == "FAIL", res.summary()
+
+
+# -- block floating point: POST's exponent and mantissa stages ------------------------------------
+
+def _bitlen_spec(m: Module, v, width: int, name: str) -> Signal:
+    """Spec bit length of a non-negative ``v``: the number of thresholds 2**i it reaches (by
+    comparison, where the RTL priority-encodes the bits)."""
+    out = Signal(range(width + 1), name=name)
+    m.d.comb += out.eq(sum((v >= (1 << i)).as_unsigned() for i in range(width)))
+    return out
+
+
+class BfpPostProof(Elaboratable):
+    """POST on a ``bfp_exp_bits`` config, from the lanes' products to what is written: the
+    lanes' :class:`hw.ppu.RoundClamp` followed by ``QuarryTop._bfp_post``, for ``cols`` lanes with
+    free products every cycle and constant per-lane shifts and POST fields (``src``/``nl`` any
+    lane window, ``lo``/``hi`` any bounds, ``lo > hi`` included). With ``r_c = round(prod_c /
+    2**shift_c)`` (ties away from zero):
+
+    * a ``bfp`` POST (``zp = 0``, ``hi >= 1``, as :func:`hw.isa.check_bfp_post` demands) writes
+      ``e = min(emax, max(0, bitlen(max t_c) - bitlen(hi)))`` over the POST's lanes, ``t_c = r_c``
+      if ``r_c >= 0`` else ``-r_c - 1`` (``lo < 0``) or 0, and lanes ``clamp(round(r_c / 2**e),
+      lo, hi)``;
+    * a plain POST writes exponent 0 and lanes ``clamp(zp + r_c, lo, hi)``;
+
+    where clamp tests ``lo`` first. ``magnitude="twos"`` takes ``-r_c`` for the magnitude of a
+    negative lane (the negative twin: it must fail)."""
+
+    def __init__(self, cfg: AccelConfig, magnitude: str = "ones"):
+        from hw.top import QuarryTop
+
+        self.cfg, self.magnitude, self._post = cfg, magnitude, QuarryTop._bfp_post
+        self.lanes = [RoundClamp(cfg) for _ in range(cfg.cols)]
+        A = cfg.a_bits
+        self.po = {"src": Signal(range(cfg.cols), name="po_src"), "nl": Signal(range(cfg.cols + 1), name="po_nl"),
+                   "zp": Signal(signed(A + 1), name="po_zp"), "lo": Signal(signed(A + 1), name="po_lo"),
+                   "hi": Signal(signed(A + 1), name="po_hi"), "bfp": Signal(name="po_bfp")}
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg, po, A, emax = self.cfg, self.po, self.cfg.a_bits, self.cfg.bfp_emax
+        for p in po.values():
+            formal.hold(m, p)
+        m.d.comb += [Assume(po["nl"] >= 1), Assume(po["src"] + po["nl"] <= cfg.cols),
+                     Assume(~po["bfp"] | ((po["zp"] == 0) & (po["hi"] >= 1)))]
+        for c, lane in enumerate(self.lanes):
+            m.submodules[f"rc{c}"] = lane
+            formal.hold(m, lane.shift)
+            m.d.comb += [lane.zp.eq(po["zp"]), lane.lo.eq(po["lo"]), lane.hi.eq(po["hi"])]
+        outs, exp = self._post(m, cfg, po, self.lanes)
+
+        P = RequantLane.prod_bits(cfg) + 2
+        r = [round_half_away(m, lane.prod, lane.shift, P) for lane in self.lanes]
+        tmax = Signal(unsigned(P + 1), name="spec_tmax")
+        terms = []
+        for c, rc in enumerate(r):
+            neg = -rc if self.magnitude == "twos" else -rc - 1
+            t = Signal(unsigned(P + 1), name=f"spec_t{c}")
+            active = (c >= po["src"]) & (c < po["src"] + po["nl"])
+            m.d.comb += t.eq(Mux(~active, 0, Mux(rc >= 0, rc, Mux(po["lo"] < 0, neg, 0))))
+            terms.append(t)
+        best = terms[0]
+        for t in terms[1:]:
+            best = Mux(t > best, t, best)
+        m.d.comb += tmax.eq(best)
+        diff = Signal(signed(P.bit_length() + 3), name="spec_diff")
+        m.d.comb += diff.eq(_bitlen_spec(m, tmax, P + 1, "spec_bl") - _bitlen_spec(m, po["hi"].as_unsigned(), A, "spec_bl_hi"))
+        e = Signal(range(emax + 1), name="spec_e")
+        m.d.comb += e.eq(Mux(diff < 0, 0, Mux(diff > emax, emax, diff)))
+        latency = RoundClamp.LATENCY + 2  # the lanes' two stages, then exponent and mantissa
+        valid = _valid_after(m, latency)
+        exp_spec = _pipe(m, Mux(po["bfp"], e, 0), latency, "spec_exp")
+        with m.If(valid):
+            m.d.comb += Assert(exp == exp_spec)
+        for c, rc in enumerate(r):
+            q = round_half_away(m, rc, e, P + 1)
+            z = Signal(signed(P + 3), name=f"spec_z{c}")
+            m.d.comb += z.eq(Mux(po["bfp"], q, rc + po["zp"]))
+            y = Signal(signed(P + 3), name=f"spec_y{c}")
+            m.d.comb += y.eq(Mux(z < po["lo"], po["lo"], Mux(z > po["hi"], po["hi"], z)))
+            want = _pipe(m, y[:A], latency, f"spec_y{c}_")
+            active = (c >= po["src"]) & (c < po["src"] + po["nl"])
+            with m.If(valid & active):
+                m.d.comb += Assert(outs[c] == want)
+        return m
+
+    def ports(self):
+        return [*self.po.values(), *(x for lane in self.lanes for x in (lane.prod, lane.shift))]
+
+
+#: Small BFP configs (3 lanes, so the POST's lane window matters): (a_bits, exponent bits); the
+#: fast ones run in ``make test`` (~15-40 s), the rest (emax 7, 4-bit lanes: minutes) in ``make formal``.
+_BFP_POST_FAST = [(2, 1), (3, 2)]
+_BFP_POST = _BFP_POST_FAST + [pytest.param(*v, marks=pytest.mark.slow_formal) for v in [(4, 2), (3, 3)]]
+
+
+def _bfp_cfg(a_bits: int, exp_bits: int) -> AccelConfig:
+    return AccelConfig(rows=1, cols=3, w_bits=2, a_bits=a_bits, acc_bits=8, mult_bits=8, shift_bits=4,
+                       block_scale=True, bfp_exp_bits=exp_bits)
+
+
+@pytest.mark.parametrize("a_bits,exp_bits", _BFP_POST, ids=[f"a{a}_e{e}" for a, e in [(2, 1), (3, 2), (4, 2), (3, 3)]])
+def test_bfp_post_equals_spec(a_bits, exp_bits):
+    """BMC from reset two cycles past the latency covers every input: the stages hold nothing older."""
+    _prove(f"bfp_post_a{a_bits}_e{exp_bits}", BfpPostProof(_bfp_cfg(a_bits, exp_bits)),
+           depth=RoundClamp.LATENCY + 4, mode="bmc")
+
+
+def test_bfp_post_twos_complement_magnitude_is_caught():
+    """The BFP check can fail: a spec taking ``-r`` (not ``-r - 1``) as a negative lane's magnitude."""
+    p = BfpPostProof(_bfp_cfg(3, 2), magnitude="twos")
+    res = formal.check("bfp_post_twos", p, p.ports(), mode="bmc", depth=RoundClamp.LATENCY + 4, timeout=600)
     assert res.status == "FAIL", res.summary()
 
 
