@@ -34,7 +34,7 @@ from . import readme
 from .common import QUICK_ZOO_EPOCHS, QUICK_ZOO_THREADS, ROOT, BenchError, Context, run_meta, write_json, write_text
 
 #: Benchmark modules, in the order ``python -m bench`` runs them.
-BENCHMARKS = ("accuracy", "rtl_util", "cycles", "tool_speed", "pot_accuracy", "dsconv", "qat", "boards", "pe_area",
+BENCHMARKS = ("accuracy", "rtl_util", "cycles", "peers", "tool_speed", "pot_accuracy", "dsconv", "qat", "boards", "pe_area",
               "area_sweep", "pt2e")
 #: Where results go: the committed full results, and the ``--quick`` smoke test's (not committed).
 RESULTS = ROOT / "bench" / "results"

@@ -45,7 +45,7 @@ ZOO_CACHE = ROOT / "build" / "zoo"
 #: quick result says which model it used (``meta["zoo_epochs"]``).
 QUICK_ZOO_EPOCHS = {"quarry_cnn/mnist": 6, "quarry_cnn/fashion": 2,
                     # boards' 4-channel model learns slower: 45.5 % test top-1 after 6 epochs, 79.3 % after 20
-                    "quarry_tiny/mnist": 20}
+                    "quarry_tiny/mnist": 20, "peer_lenet/mnist": 3}
 #: ... on one thread: on a shared machine the reference recipe's two (spinning) OpenMP threads run
 #: up to 8x slower than one (30 steps: 170 s wall against 21 s next to 4 other jobs on 2 cores).
 QUICK_ZOO_THREADS = 1

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from . import data
 
-__all__ = ["QuarryCNN", "trained", "train", "evaluate", "info", "MODELS", "RECIPES", "RECIPE_VERSION"]
+__all__ = ["QuarryCNN", "PeerLeNet", "trained", "train", "evaluate", "info", "MODELS", "RECIPES", "RECIPE_VERSION"]
 
 #: Bump when a recipe or model changes: cached weights are keyed by it.
 RECIPE_VERSION = 2
@@ -59,7 +59,25 @@ class QuarryCNN(nn.Module):
         return self.fc(torch.flatten(self.gap(x), 1))
 
 
-MODELS = {"quarry_cnn": QuarryCNN}
+class PeerLeNet(nn.Module):
+    """The network ../shared/PEERS.md measured NNgen on (``bench.peers``): conv 3x3 1->8 (no
+    padding) + ReLU, max-pool 2, conv 3x3 8->16 + ReLU, max-pool 2, linear 400->10; 192,064 MACs."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.conv0 = nn.Conv2d(1, 8, 3)
+        self.conv1 = nn.Conv2d(8, 16, 3)
+        self.pool = nn.MaxPool2d(2)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(16 * 5 * 5, classes)
+
+    def forward(self, x):
+        x = self.pool(self.relu(self.conv0(x)))
+        x = self.pool(self.relu(self.conv1(x)))
+        return self.fc(torch.flatten(x, 1))
+
+
+MODELS = {"quarry_cnn": QuarryCNN, "peer_lenet": PeerLeNet}
 
 #: Per data set training recipe. ``per_epoch``: training images drawn (without replacement) per
 #: epoch, ``None`` for all; ``shift`` in pixels, ``rotate`` in degrees, ``scale`` relative.

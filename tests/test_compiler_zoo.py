@@ -326,3 +326,18 @@ def test_fx_needs_8bit_activations():
     with pytest.raises(UnsupportedOpError, match=r"c1 \(Conv2d\): integer weights span -\d+\.\.\d+, the "
                                                  r"accelerator's w_bits=4 holds -8\.\.7"):
         compile_fx(gm, (1, 8, 8), AccelConfig(w_bits=4))
+
+
+def test_peer_lenet_is_the_network_peers_md_measured(mnist):
+    """bench.peers' model is PEERS.md's NNgen network (192,064 MACs) and compiles for a 4x4 W8A8
+    array; the golden model's logits track the float model's."""
+    torch.manual_seed(0)
+    model = zoo.PeerLeNet().eval()
+    x = mnist[0][:16]
+    prog = compiler.compile(model, x, AccelConfig(rows=4, cols=4, w_bits=8, a_bits=8), method="minmax")
+    assert prog.manifest["macs"] == 192_064
+    assert [l["kind"] for l in prog.manifest["layers"][1:]] == ["conv", "maxpool", "conv", "maxpool", "conv"]
+    got, _, _ = run_golden(prog, x[:4])
+    with torch.no_grad():
+        ref = model(x[:4]).numpy()
+    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
