@@ -142,12 +142,19 @@ def run(ctx: Context) -> dict:
 
 # -- report ----------------------------------------------------------------------------------------
 
+#: ECP5-85F (LFE5U-85F) resources: LUT4s, MULT18X18D, DP16KD.
+ECP5_85F = {"lut": 83_640, "dsp": 156, "bram": 208}
+
+
 def _lut(s: dict | None) -> str:
     if not s:
         return "not run"
     if s["status"] != "ok":
         return s["status"]
-    return f"{s['lut4']:,} (+{s['carry']:,} CCU2C), {s['dsp']} DSP, {s['bram']} BRAM"
+    over = [f"{k.upper()} {v:,} > {ECP5_85F[k]:,}" for k, v in (("lut", s["lut_eq"]), ("dsp", s["dsp"]), ("bram", s["bram"]))
+            if v > ECP5_85F[k]]
+    fit = f"; does not fit an 85F: {', '.join(over)}" if over else ""
+    return f"{s['lut4']:,} (+{s['carry']:,} CCU2C), {s['dsp']} DSP, {s['bram']} BRAM{fit}"
 
 
 def _table(res: dict) -> list[str]:
@@ -166,14 +173,23 @@ def _table(res: dict) -> list[str]:
     return lines
 
 
+def _trained(res: dict) -> str:
+    z = res.get("zoo") or {}
+    return f" ({z['test_top1']:.1%} on all {z['test_images']:,}, {z['epochs']} epochs)" if "test_top1" in z else ""
+
+
 def markdown(res: dict, meta: dict) -> str:
     lo, hi = res["analytic_16"]
     lines = [f"# NNgen's network (PEERS.md) on Quarry", "",
              f"{res['model']}: {res['macs']:,} MACs per inference, W8A8, compiled with {res['compile']}; "
-             f"float top-1 {res['float_acc']:.1%} on the first {res['rows'][0]['images']} MNIST test images. "
+             f"float top-1 {res['float_acc']:.1%} on the first {res['rows'][0]['images']} MNIST test images"
+             f"{_trained(res)}. "
              "NNgen's rows are quoted from ../shared/PEERS.md (NNgen 1.3.4, iverilog, same kind of machine).", "",
              *_table(res), "",
-             f"PEERS.md's analytic estimate for a 16x16 weight-stationary array with pooling fused: {lo:,}-{hi:,} cycles.",
+             f"PEERS.md's analytic estimate for a 16x16 weight-stationary array with pooling fused: {lo:,}-{hi:,} cycles. "
+             f"LUT counts are yosys `synth_ecp5` cells (LUT4, plus CCU2C carries, each two LUT4s of a slice); "
+             f"'does not fit' compares LUT4 + 2 x CCU2C, DSPs and block RAMs with an ECP5-85F "
+             f"({ECP5_85F['lut']:,} LUT4, {ECP5_85F['dsp']} MULT18X18D, {ECP5_85F['bram']} DP16KD).",
              ""]
     for r in res["rows"]:
         split = ", ".join(f"{l['name']} {l['cycles']:,}" for l in r["layers"])
