@@ -55,6 +55,16 @@ def _names(text: str) -> list[str]:
     return names
 
 
+def _non_negative(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number of seconds >= 0, not {text!r}")
+    return v
+
+
 def _positive(text: str) -> int:
     try:
         v = int(text)
@@ -83,9 +93,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="test images per data set (default: the benchmark's own, up to 1000; 100-200 with --quick)")
     p.add_argument("--timeout", type=_positive, default=None, metavar="SECONDS",
                    help="per-run timeout of external tools (area_sweep; default: the benchmark's own)")
-    p.add_argument("--budget", type=_positive, default=None, metavar="SECONDS",
+    p.add_argument("--budget", type=_non_negative, default=None, metavar="SECONDS",
                    help="wall-time budget per benchmark: those that support it (area_sweep) start no new "
-                        "runs after it and list the rest as not run")
+                        "runs after it and list the rest as not run (0: report what the checkpoint holds, "
+                        "start nothing)")
     p.add_argument("--out", type=Path, default=None,
                    help=f"result directory (default: bench/results, or {QUICK_OUT.relative_to(ROOT)} with --quick)")
     p.add_argument("--readme", type=Path, default=None,
