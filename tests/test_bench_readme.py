@@ -103,3 +103,16 @@ def test_quick_by_default_leaves_the_committed_results_and_readme_alone():
     full = parse_args([])
     assert full.out.resolve() == RESULTS.resolve() and full.readme == readme.DEFAULT_README
     assert parse_args(["--out", "elsewhere"]).readme is None
+
+
+def test_budget_zero_is_allowed_and_negative_is_one_line(capsys):
+    """``--budget 0`` (report the checkpoint, start nothing) parses; a negative one is refused in
+    one line with status 2."""
+    from bench.__main__ import parse_args
+
+    assert parse_args(["--budget", "0"]).budget == 0
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--budget", "-5"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--budget" in err and ">= 0" in err
